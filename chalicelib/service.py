@@ -1,0 +1,93 @@
+"""The request path, wired together: URL -> image bytes -> input -> prediction.
+
+One ``ClassificationService`` exists per distinct ``Settings``; it holds the
+loaded model for the life of the process (the Lambda container), so the
+archive is downloaded and loaded once. The first requests to arrive on a cold
+container may race; a lock makes the first one load and the others wait for
+its result instead of downloading the archive again. A failed load is not
+cached: the next request tries again, so a model published late still comes up.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+
+import boto3
+from botocore.config import Config
+
+from chalicelib.classifier import Classifier, Prediction, load_classifier, set_thread_count
+from chalicelib.fetch import ImageFetcher
+from chalicelib.imaging import Preprocessing, decode_image, to_model_input
+from chalicelib.model_store import ModelFiles, ModelStore, S3Client
+from chalicelib.settings import Settings
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    classifier: Classifier
+    preprocessing: Preprocessing
+    files: ModelFiles
+
+
+class ClassificationService:
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._fetcher = ImageFetcher(settings.fetch)
+        self._store = ModelStore(settings.cache_dir, s3_client=_s3_client)
+        self._load_lock = threading.Lock()
+        self._model: LoadedModel | None = None
+
+    @property
+    def model_loaded(self) -> bool:
+        return self._model is not None
+
+    def model(self) -> LoadedModel:
+        if self._model is None:
+            with self._load_lock:
+                if self._model is None:
+                    self._model = self._load()
+        return self._model
+
+    def classify_url(self, url: str) -> Prediction:
+        model = self.model()
+        image = decode_image(self._fetcher.fetch(url), max_pixels=self._settings.max_image_pixels)
+        return model.classifier.predict(to_model_input(image, model.preprocessing))
+
+    def _load(self) -> LoadedModel:
+        files = self._store.fetch(self._settings.model)
+        preprocessing = Preprocessing.from_manifest(files.manifest)
+        set_thread_count(self._settings.torch_num_threads)
+        classifier = load_classifier(files.model_path, files.classes, preprocessing.crop)
+        return LoadedModel(classifier=classifier, preprocessing=preprocessing, files=files)
+
+
+def _s3_client() -> S3Client:
+    # boto3 honours AWS_ENDPOINT_URL_S3 itself, so moto or another S3-compatible
+    # store needs no code here. Bounded timeouts keep a stuck S3 from eating
+    # the whole Lambda timeout.
+    config = Config(connect_timeout=5, read_timeout=20, retries={"max_attempts": 3, "mode": "standard"})
+    return boto3.client("s3", config=config)
+
+
+class _ServiceCache:
+    """Holds the service for the current settings; a new environment gets a new one."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._entry: tuple[Settings, ClassificationService] | None = None
+
+    def get(self, settings: Settings) -> ClassificationService:
+        with self._lock:
+            if self._entry is None or self._entry[0] != settings:
+                self._entry = (settings, ClassificationService(settings))
+            return self._entry[1]
+
+
+_services = _ServiceCache()
+
+
+def get_service() -> ClassificationService:
+    """The service for the current environment, built on first use (never at import)."""
+    return _services.get(Settings.from_environ(os.environ))

@@ -1,0 +1,92 @@
+"""Configuration, read from the environment in one place.
+
+Settings are read per request, not at import: Chalice imports ``app.py`` while
+packaging, and ``chalice.test.Client`` only sets a stage's environment while a
+request runs. Reading is cheap, and the service built from one ``Settings``
+value is reused for as long as the environment stays the same.
+
+A wrong value fails loudly with a ``ConfigurationError`` (503) that names the
+variable, what it expected and what it got, instead of silently falling back.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from chalicelib.errors import ConfigurationError
+from chalicelib.fetch import FetchLimits
+from chalicelib.model_store import ArchiveLocation, LocalArchive, S3Archive
+
+DEMO_ARCHIVE = Path(__file__).resolve().parent.parent / "build" / "demo-model.tar.gz"
+DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
+
+
+@dataclass(frozen=True)
+class Settings:
+    model: ArchiveLocation
+    cache_dir: Path
+    torch_num_threads: int
+    fetch: FetchLimits
+    max_image_pixels: int
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str]) -> Settings:
+        limits = FetchLimits()
+        return cls(
+            model=_model_location(environ),
+            cache_dir=Path(
+                environ.get("MODEL_CACHE_DIR") or Path(tempfile.gettempdir(), "chalice-classifier")
+            ),
+            torch_num_threads=_positive_int(environ, "TORCH_NUM_THREADS", 1),
+            fetch=FetchLimits(
+                connect_timeout=_positive_float(environ, "FETCH_CONNECT_TIMEOUT", limits.connect_timeout),
+                read_timeout=_positive_float(environ, "FETCH_READ_TIMEOUT", limits.read_timeout),
+                deadline=_positive_float(environ, "FETCH_DEADLINE", limits.deadline),
+                max_bytes=_positive_int(environ, "MAX_IMAGE_BYTES", limits.max_bytes),
+            ),
+            max_image_pixels=_positive_int(environ, "MAX_IMAGE_PIXELS", DEFAULT_MAX_IMAGE_PIXELS),
+        )
+
+
+def _model_location(environ: Mapping[str, str]) -> ArchiveLocation:
+    bucket = environ.get("MODEL_BUCKET", "").strip()
+    key = environ.get("MODEL_KEY", "").strip()
+    if bucket and key:
+        return S3Archive(bucket=bucket, key=key)
+    if bucket or key:
+        present, missing = ("MODEL_BUCKET", "MODEL_KEY") if bucket else ("MODEL_KEY", "MODEL_BUCKET")
+        raise ConfigurationError(
+            f"Config '{present}' is set but '{missing}' is not: set both to load the model "
+            "from S3, or neither to use MODEL_PATH or the built-in demo model."
+        )
+    path = environ.get("MODEL_PATH", "").strip()
+    return LocalArchive(path=Path(path) if path else DEMO_ARCHIVE)
+
+
+def _positive_int(environ: Mapping[str, str], name: str, default: int) -> int:
+    raw = environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ConfigurationError(f"Config '{name}' must be a positive integer, got {raw!r}.")
+    return value
+
+
+def _positive_float(environ: Mapping[str, str], name: str, default: float) -> float:
+    raw = environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        raise ConfigurationError(f"Config '{name}' must be a positive number of seconds, got {raw!r}.")
+    return value

@@ -1,0 +1,104 @@
+"""Shared fixtures: real S3 (moto server), a real image host, real photos.
+
+Everything listens on 127.0.0.1. AWS settings are pinned to fakes before any
+boto3 client exists, and the instance-metadata lookup is disabled, so no test
+can reach AWS or 169.254.169.254 even by mistake.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import boto3
+import pytest
+import skimage.data
+from chalice.test import Client
+from PIL import Image
+
+from chalicelib.settings import DEMO_ARCHIVE
+from tests.support.http_server import LoopbackHTTPServer, serve_bytes
+from tests.support.s3 import MotoS3Server
+
+for _name in ("MODEL_BUCKET", "MODEL_KEY", "MODEL_PATH", "MODEL_CACHE_DIR", "AWS_PROFILE"):
+    os.environ.pop(_name, None)
+os.environ.update(
+    {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "AWS_CONFIG_FILE": os.devnull,
+        "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+    }
+)
+
+MODEL_BUCKET = "models"
+DEMO_KEY = "demo/model.tar.gz"
+
+
+def jpeg(pixels: object, quality: int = 92) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG", quality=quality)  # type: ignore[arg-type]
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[MotoS3Server]:
+    with MotoS3Server() as server, pytest.MonkeyPatch.context() as patch:
+        patch.setenv("AWS_ENDPOINT_URL_S3", server.endpoint)
+        yield server
+
+
+@pytest.fixture(scope="session")
+def s3(s3_server: MotoS3Server) -> object:
+    client = boto3.client("s3", endpoint_url=s3_server.endpoint)
+    client.create_bucket(Bucket=MODEL_BUCKET)
+    if not DEMO_ARCHIVE.is_file():
+        pytest.fail(f"{DEMO_ARCHIVE} is missing: run `make model` (make test does it for you).")
+    client.upload_file(str(DEMO_ARCHIVE), MODEL_BUCKET, DEMO_KEY)
+    return client
+
+
+@pytest.fixture(scope="session")
+def photos() -> dict[str, bytes]:
+    return {name: jpeg(getattr(skimage.data, name)()) for name in ("chelsea", "coffee", "astronaut")}
+
+
+@pytest.fixture(scope="session")
+def image_server(photos: dict[str, bytes]) -> Iterator[LoopbackHTTPServer]:
+    with LoopbackHTTPServer() as server:
+        for name, data in photos.items():
+            server.routes[f"/{name}.jpg"] = serve_bytes(data)
+        yield server
+
+
+@pytest.fixture(scope="session")
+def client() -> Iterator[Client]:
+    from app import app
+
+    with Client(app) as test_client:
+        yield test_client
+
+
+@pytest.fixture(scope="session")
+def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("shared-model-cache")
+
+
+@pytest.fixture
+def demo_from_s3(s3: object, shared_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Serve the demo archive from moto S3; the same settings each time, so one load serves all."""
+    monkeypatch.setenv("MODEL_BUCKET", MODEL_BUCKET)
+    monkeypatch.setenv("MODEL_KEY", DEMO_KEY)
+    monkeypatch.setenv("MODEL_CACHE_DIR", str(shared_cache))
+
+
+@pytest.fixture
+def cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A cache of this test's own, so the service starts cold."""
+    path = tmp_path / "cache"
+    monkeypatch.setenv("MODEL_CACHE_DIR", str(path))
+    return path

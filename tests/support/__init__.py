@@ -1,0 +1,1 @@
+"""Real servers on loopback for the tests: S3 (moto) and an image host."""

@@ -1,0 +1,21 @@
+"""Calls to the app through chalice.test.Client, as a web client would make them."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from chalice.test import Client
+
+JSON = {"Content-Type": "application/json"}
+
+
+def classify(client: Client, url: Any) -> Any:
+    return client.http.post("/invocations", headers=JSON, body=json.dumps({"url": url}))
+
+
+def error_of(response: Any) -> tuple[int, str, str]:
+    """(status, Code, Message) of an error response, checking it is the contract's JSON shape."""
+    body = json.loads(response.body)
+    assert set(body) == {"Code", "Message"}, body
+    return response.status_code, body["Code"], body["Message"]

@@ -1,0 +1,57 @@
+"""moto's S3 in server mode on 127.0.0.1, with a log of the requests it served.
+
+The log lets a test see what really crossed the wire (for example, that two
+cold requests made one GetObject) without touching the code under test.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from moto.moto_server.werkzeug_app import (
+    DomainDispatcherApplication,
+    MotoRequestHandler,
+    create_backend_app,
+)
+from werkzeug.serving import BaseWSGIServer, make_server
+
+
+class RequestLog:
+    """WSGI middleware that records (method, path) of every request."""
+
+    def __init__(self, app: Callable[..., Iterable[bytes]]) -> None:
+        self._app = app
+        self._lock = threading.Lock()
+        self.requests: list[tuple[str, str]] = []
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        with self._lock:
+            self.requests.append((environ["REQUEST_METHOD"], environ["PATH_INFO"]))
+        return self._app(environ, start_response)
+
+    def count(self, method: str, path: str) -> int:
+        with self._lock:
+            return self.requests.count((method, path))
+
+
+class MotoS3Server:
+    def __init__(self) -> None:
+        self.log = RequestLog(DomainDispatcherApplication(create_backend_app))
+        self._server: BaseWSGIServer = make_server(
+            "127.0.0.1", 0, self.log, threaded=True, request_handler=MotoRequestHandler
+        )
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self._server.server_port}"
+
+    def __enter__(self) -> MotoS3Server:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._thread.join()
