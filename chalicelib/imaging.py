@@ -85,16 +85,25 @@ class Preprocessing:
 
 def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
     """Decode to an upright RGB image, refusing oversized images before decoding them."""
+    with _open(data) as image:
+        width, height = image.size
+        if width * height > max_pixels:
+            raise ImageTooLarge(
+                f"The image is {width}x{height} = {width * height:,} pixels; the limit is "
+                f"{max_pixels:,} (MAX_IMAGE_PIXELS)."
+            )
+        try:
+            return _to_rgb(ImageOps.exif_transpose(image))
+        except Image.DecompressionBombError as error:
+            raise ImageTooLarge(f"The image is too large to decode safely: {error}") from error
+        except (OSError, SyntaxError, ValueError, EOFError) as error:
+            raise _corrupt(error) from error
+
+
+def _open(data: bytes) -> Image.Image:
+    """Read only the header: format, mode and size, no pixels yet."""
     try:
-        with Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS) as image:
-            width, height = image.size
-            if width * height > max_pixels:
-                raise ImageTooLarge(
-                    f"The image is {width}x{height} = {width * height:,} pixels; the limit is "
-                    f"{max_pixels:,} (MAX_IMAGE_PIXELS)."
-                )
-            upright = ImageOps.exif_transpose(image)
-            return _to_rgb(upright)
+        return Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
     except UnidentifiedImageError as error:
         raise UnsupportedImage(
             "The body of the image URL is not an image in a supported format; expected "
@@ -103,9 +112,11 @@ def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
     except Image.DecompressionBombError as error:
         raise ImageTooLarge(f"The image is too large to decode safely: {error}") from error
     except (OSError, SyntaxError, ValueError, EOFError) as error:
-        raise UnsupportedImage(
-            f"The image is truncated or corrupt and cannot be decoded ({error})."
-        ) from error
+        raise _corrupt(error) from error
+
+
+def _corrupt(error: Exception) -> UnsupportedImage:
+    return UnsupportedImage(f"The image is truncated or corrupt and cannot be decoded ({error}).")
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

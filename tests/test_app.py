@@ -153,7 +153,7 @@ def test_wrong_content_type_is_415(client: Client) -> None:
         "/invocations", headers={"Content-Type": "text/plain"}, body='{"url": "http://x/"}'
     )
 
-    assert response.status_code == 415
+    assert error_of(response)[:2] == (415, "UnsupportedMediaType")
 
 
 @pytest.mark.usefixtures("demo_from_s3")

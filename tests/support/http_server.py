@@ -9,6 +9,7 @@ can also prove that a refused URL was never fetched.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -71,3 +72,52 @@ class LoopbackHTTPServer:
         self._server.shutdown()
         self._server.server_close()
         self._thread.join()
+
+
+def drip(byte_every: float, total: int = 1000) -> Route:
+    """Headers at once, then one byte per ``byte_every`` seconds: a slow-loris host."""
+
+    def route(handler: BaseHTTPRequestHandler) -> None:
+        handler.send_response(200)
+        handler.send_header("Content-Type", "image/jpeg")
+        handler.send_header("Content-Length", str(total))
+        handler.end_headers()
+        try:
+            for _ in range(total):
+                handler.wfile.write(b"\xff")
+                handler.wfile.flush()
+                time.sleep(byte_every)
+        except OSError:
+            return  # the client gave up, as it should
+
+    return route
+
+
+def endless(chunk: bytes = b"\x00" * 65536, declared_length: int | None = None) -> Route:
+    """A body that never ends, optionally behind a Content-Length that lies about it."""
+
+    def route(handler: BaseHTTPRequestHandler) -> None:
+        handler.send_response(200)
+        handler.send_header("Content-Type", "image/jpeg")
+        if declared_length is not None:
+            handler.send_header("Content-Length", str(declared_length))
+        handler.send_header("Connection", "close")
+        handler.end_headers()
+        handler.close_connection = True
+        try:
+            for _ in range(100_000):  # bounded: about 6.5 GB at most, never reached
+                handler.wfile.write(chunk)
+        except OSError:
+            return
+
+    return route
+
+
+def stall(seconds: float) -> Route:
+    """Accept the request, then say nothing for ``seconds``."""
+
+    def route(handler: BaseHTTPRequestHandler) -> None:
+        time.sleep(seconds)
+        serve_bytes(b"late")(handler)
+
+    return route
