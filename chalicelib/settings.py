@@ -11,14 +11,18 @@ variable, what it expected and what it got, instead of silently falling back.
 
 from __future__ import annotations
 
+import math
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from chalicelib.errors import ConfigurationError
 from chalicelib.fetch import FetchLimits
 from chalicelib.model_store import ArchiveLocation, LocalArchive, S3Archive
+
+Number = TypeVar("Number", int, float)
 
 DEMO_ARCHIVE = Path(__file__).resolve().parent.parent / "build" / "demo-model.tar.gz"
 DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
@@ -67,26 +71,23 @@ def _model_location(environ: Mapping[str, str]) -> ArchiveLocation:
 
 
 def _positive_int(environ: Mapping[str, str], name: str, default: int) -> int:
-    raw = environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise ConfigurationError(f"Config '{name}' must be a positive integer, got {raw!r}.")
-    return value
+    return _positive(environ, name, default, int, "a positive integer")
 
 
 def _positive_float(environ: Mapping[str, str], name: str, default: float) -> float:
+    return _positive(environ, name, default, float, "a positive number of seconds")
+
+
+def _positive(
+    environ: Mapping[str, str], name: str, default: Number, parse: Callable[[str], Number], expected: str
+) -> Number:
     raw = environ.get(name, "").strip()
     if not raw:
         return default
     try:
-        value = float(raw)
+        value = parse(raw)
     except ValueError:
-        value = 0.0
-    if not 0 < value < float("inf"):
-        raise ConfigurationError(f"Config '{name}' must be a positive number of seconds, got {raw!r}.")
+        value = None
+    if value is None or not 0 < value < math.inf:
+        raise ConfigurationError(f"Config '{name}' must be {expected}, got {raw!r}.")
     return value
