@@ -1,8 +1,9 @@
 """Bytes from a user-supplied URL, within firm limits of time and size.
 
-All outbound fetching lives here, so the URL policy has one place to live.
-Every hop of a redirect chain is followed by hand rather than by requests, so
-each one is checked by the same policy and counted against one deadline.
+All outbound fetching lives here. Every hop of a redirect chain is followed by
+hand rather than by requests, so each one is checked by the URL policy
+(``url_policy.py``), connected to the very address that was checked, and
+counted against one deadline.
 The body is read with ``read1`` (whatever bytes have arrived) rather than a
 fixed-size ``read``, so a server that drips bytes cannot hold a read open past
 the deadline, and the byte cap is enforced on what arrives, whatever
@@ -13,15 +14,17 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from urllib.parse import urljoin, urlsplit
+from typing import Any
+from urllib.parse import urljoin
 
 import requests
 import urllib3.exceptions
+from requests.adapters import HTTPAdapter
 
 from chalicelib.errors import ImageTooLarge, InvalidURL, UpstreamError, UpstreamTimeout
+from chalicelib.url_policy import Resolver, Target, UrlPolicy
 
 MAX_REDIRECTS = 3
-MAX_URL_LENGTH = 2048
 READ_SIZE = 64 * 1024
 USER_AGENT = "chalice-classifier/1.0 (+image classification)"
 
@@ -38,17 +41,53 @@ class FetchLimits:
     max_bytes: int = 10 * 1024 * 1024
 
 
+class PinnedAddressAdapter(HTTPAdapter):
+    """Connects to the address the URL policy checked, never to a fresh DNS answer.
+
+    The URL keeps its host name, so the Host header, TLS SNI and certificate
+    checks still use the name; only the socket goes to the pinned address.
+    This is how requests-hardened pins, with the address chosen by our policy.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(max_retries=0)
+        self._pins: dict[tuple[str, int], str] = {}
+
+    def pin(self, target: Target) -> None:
+        address = str(target.address)
+        self._pins[(target.host, target.port)] = f"[{address}]" if target.address.version == 6 else address
+
+    def build_connection_pool_key_attributes(
+        self, request: requests.PreparedRequest, verify: bool | str, cert: Any = None
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        host_params, pool_kwargs = super().build_connection_pool_key_attributes(request, verify, cert)
+        host, port = host_params["host"], host_params["port"]
+        pinned = self._pins[(host, port or (443 if host_params["scheme"] == "https" else 80))]
+        netloc = f"[{host}]" if ":" in host else host
+        request.headers["Host"] = netloc if port is None else f"{netloc}:{port}"
+        if host_params["scheme"] == "https":
+            pool_kwargs["assert_hostname"] = host
+            pool_kwargs["server_hostname"] = host
+        host_params["host"] = pinned
+        return host_params, pool_kwargs
+
+
 class ImageFetcher:
-    def __init__(self, limits: FetchLimits) -> None:
+    def __init__(self, limits: FetchLimits, policy: UrlPolicy, resolve: Resolver | None = None) -> None:
         self._limits = limits
+        self._policy = policy
+        self._resolve = resolve
 
     def fetch(self, url: str) -> bytes:
         deadline = time.monotonic() + self._limits.deadline
+        adapter = PinnedAddressAdapter()
         with requests.Session() as session:
             # No proxy, netrc or CA bundle comes from the environment.
             session.trust_env = False
+            session.mount("http://", adapter)
+            session.mount("https://", adapter)
             for _ in range(MAX_REDIRECTS + 1):
-                check_url(url)
+                adapter.pin(self._policy.check(url, self._resolve))
                 with self._get(session, url, deadline) as response:
                     if response.is_redirect:
                         url = urljoin(url, response.headers["Location"])
@@ -101,21 +140,6 @@ class ImageFetcher:
                 f"The image host broke the connection mid-download: {_reason(error)}."
             ) from error
         return bytes(body)
-
-
-def check_url(url: str) -> None:
-    """Refuse anything but an absolute http(s) URL with a host."""
-    if len(url) > MAX_URL_LENGTH:
-        raise InvalidURL(f"The image URL is {len(url)} characters long; the limit is {MAX_URL_LENGTH}.")
-    try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 - raises ValueError on a malformed port
-    except ValueError as error:
-        raise InvalidURL(f"The image URL is not valid: {error}.") from error
-    if parts.scheme.lower() not in ("http", "https"):
-        raise InvalidURL(f"The image URL must start with http:// or https://, got {url[:100]!r}.")
-    if not parts.hostname:
-        raise InvalidURL(f"The image URL has no host name: {url[:100]!r}.")
 
 
 def _remaining(deadline: float) -> float:

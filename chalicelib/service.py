@@ -34,7 +34,7 @@ class LoadedModel:
 class ClassificationService:
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
-        self._fetcher = ImageFetcher(settings.fetch)
+        self._fetcher = ImageFetcher(settings.fetch, settings.url_policy)
         self._store = ModelStore(settings.cache_dir, s3_client=_s3_client)
         self._load_lock = threading.Lock()
         self._model: LoadedModel | None = None

@@ -21,6 +21,7 @@ from typing import TypeVar
 from chalicelib.errors import ConfigurationError
 from chalicelib.fetch import FetchLimits
 from chalicelib.model_store import ArchiveLocation, LocalArchive, S3Archive
+from chalicelib.url_policy import DEFAULT_PORTS, UrlPolicy
 
 Number = TypeVar("Number", int, float)
 
@@ -35,6 +36,7 @@ class Settings:
     torch_num_threads: int
     fetch: FetchLimits
     max_image_pixels: int
+    url_policy: UrlPolicy
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str]) -> Settings:
@@ -52,6 +54,10 @@ class Settings:
                 max_bytes=_positive_int(environ, "MAX_IMAGE_BYTES", limits.max_bytes),
             ),
             max_image_pixels=_positive_int(environ, "MAX_IMAGE_PIXELS", DEFAULT_MAX_IMAGE_PIXELS),
+            url_policy=UrlPolicy(
+                allowed_ports=_ports(environ, "ALLOWED_PORTS"),
+                allow_private=_flag(environ, "ALLOW_PRIVATE_URLS"),
+            ),
         )
 
 
@@ -91,3 +97,30 @@ def _positive(
     if value is None or not 0 < value < math.inf:
         raise ConfigurationError(f"Config '{name}' must be {expected}, got {raw!r}.")
     return value
+
+
+def _flag(environ: Mapping[str, str], name: str) -> bool:
+    raw = environ.get(name, "").strip().lower()
+    if raw in ("", "0", "false", "no", "off"):
+        return False
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    raise ConfigurationError(f"Config '{name}' must be true or false, got {environ[name]!r}.")
+
+
+def _ports(environ: Mapping[str, str], name: str) -> frozenset[int] | None:
+    """A comma-separated list of ports, or ``*`` for any port (development only)."""
+    raw = environ.get(name, "").strip()
+    if not raw:
+        return DEFAULT_PORTS
+    if raw == "*":
+        return None
+    try:
+        ports = frozenset(int(part) for part in raw.split(","))
+    except ValueError:
+        ports = frozenset({0})
+    if not all(0 < port < 65536 for port in ports):
+        raise ConfigurationError(
+            f"Config '{name}' must be a comma-separated list of ports (1-65535) or *, got {raw!r}."
+        )
+    return ports

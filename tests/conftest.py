@@ -32,6 +32,10 @@ os.environ.update(
         "AWS_EC2_METADATA_DISABLED": "true",
         "AWS_CONFIG_FILE": os.devnull,
         "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+        # Like the dev stage: tests fetch from servers on loopback. The URL
+        # policy tests switch both back to the production defaults.
+        "ALLOW_PRIVATE_URLS": "true",
+        "ALLOWED_PORTS": "*",
     }
 )
 

@@ -1,0 +1,156 @@
+"""Which URLs the service may fetch: the SSRF policy, as decisions without I/O.
+
+The service fetches whatever URL a stranger sends, from inside an AWS
+account: a Lambda has credentials in its environment and a runtime API on
+loopback, and instance metadata lives at 169.254.169.254. So a URL is
+fetched only if
+
+- its scheme is http or https, it carries no ``user:pass@``, and its port is
+  allowed (80 and 443 unless ``ALLOWED_PORTS`` says otherwise);
+- every address its host resolves to (all A and AAAA records) is globally
+  routable, judged after unwrapping IPv4-mapped, IPv4-compatible, 6to4 and
+  NAT64 forms, so ``[::ffff:127.0.0.1]`` counts as the loopback it is.
+
+The decision is made on resolved addresses, never on the URL text:
+``2130706433``, ``0x7f.1``, ``0177.0.0.1`` and ``127.1`` are all loopback once
+the resolver has read them. The caller then connects to the address that was
+checked (see ``fetch.py``), so a second DNS answer cannot rebind the host.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from urllib.parse import SplitResult, urlsplit
+
+from chalicelib.errors import InvalidURL, UpstreamError
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+Resolver = Callable[[str, int], Sequence[IPAddress]]
+
+MAX_URL_LENGTH = 2048
+DEFAULT_PORTS = frozenset({80, 443})
+
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+
+# Ranges that Python's is_global / is_private do not all cover on every 3.11
+# patch release, named so the refusal can say what the address is.
+_NAMED_RANGES: tuple[tuple[str, ipaddress.IPv4Network | ipaddress.IPv6Network], ...] = (
+    ("'this network' (0.0.0.0/8)", ipaddress.IPv4Network("0.0.0.0/8")),
+    ("shared address space (100.64.0.0/10)", ipaddress.IPv4Network("100.64.0.0/10")),
+    ("IETF protocol assignment (192.0.0.0/24)", ipaddress.IPv4Network("192.0.0.0/24")),
+    ("6to4 relay anycast (192.88.99.0/24)", ipaddress.IPv4Network("192.88.99.0/24")),
+    ("benchmarking (198.18.0.0/15)", ipaddress.IPv4Network("198.18.0.0/15")),
+    ("local-use NAT64 (64:ff9b:1::/48)", ipaddress.IPv6Network("64:ff9b:1::/48")),
+    ("site-local (fec0::/10)", ipaddress.IPv6Network("fec0::/10")),
+)
+
+
+@dataclass(frozen=True)
+class Target:
+    """A URL that passed the policy, and the one address to connect to."""
+
+    url: str
+    scheme: str
+    host: str
+    port: int
+    address: IPAddress
+
+
+@dataclass(frozen=True)
+class UrlPolicy:
+    allowed_ports: frozenset[int] | None = DEFAULT_PORTS  # None: any port
+    allow_private: bool = False  # development only: lifts the address check
+
+    def check(self, url: str, resolve: Resolver | None = None) -> Target:
+        """Refuse the URL with ``InvalidURL``, or say which address to connect to."""
+        parts = _parse(url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        if self.allowed_ports is not None and port not in self.allowed_ports:
+            allowed = ", ".join(str(p) for p in sorted(self.allowed_ports))
+            raise InvalidURL(f"The image URL uses port {port}; allowed ports are {allowed} (ALLOWED_PORTS).")
+        host = parts.hostname or ""
+        addresses = (resolve or resolve_host)(host, port)
+        if not self.allow_private:
+            for address in addresses:
+                reason = forbidden_reason(address)
+                if reason is not None:
+                    raise InvalidURL(
+                        f"The image URL's host {host!r} resolves to {reason}; only public "
+                        "internet addresses may be fetched."
+                    )
+        return Target(url=url, scheme=parts.scheme, host=host, port=port, address=addresses[0])
+
+
+def _parse(url: str) -> SplitResult:
+    if len(url) > MAX_URL_LENGTH:
+        raise InvalidURL(f"The image URL is {len(url)} characters long; the limit is {MAX_URL_LENGTH}.")
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a malformed port
+    except ValueError as error:
+        raise InvalidURL(f"The image URL is not valid: {error}.") from error
+    if parts.scheme not in ("http", "https"):
+        raise InvalidURL(f"The image URL must start with http:// or https://, got {url[:100]!r}.")
+    if not parts.hostname:
+        raise InvalidURL(f"The image URL has no host name: {url[:100]!r}.")
+    if parts.username is not None or parts.password is not None:
+        raise InvalidURL("The image URL must not carry a user name or password (user:pass@host).")
+    return parts
+
+
+def resolve_host(host: str, port: int) -> list[IPAddress]:
+    """Every address the system resolver gives for ``host``, in its order, without repeats."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as error:
+        raise UpstreamError(f"Could not resolve the image URL's host {host!r}.") from error
+    addresses: list[IPAddress] = []
+    for family, _, _, _, sockaddr in infos:
+        if family in (socket.AF_INET, socket.AF_INET6):
+            address = ipaddress.ip_address(str(sockaddr[0]).split("%", 1)[0])
+            if address not in addresses:
+                addresses.append(address)
+    if not addresses:
+        raise UpstreamError(f"The image URL's host {host!r} has no IPv4 or IPv6 address.")
+    return addresses
+
+
+def forbidden_reason(address: IPAddress) -> str | None:
+    """Why the service must not connect to ``address``, or None if it is public."""
+    embedded = _embedded_ipv4(address)
+    if embedded is not None:
+        reason = forbidden_reason(embedded)
+        return None if reason is None else f"{reason} (wrapped in IPv6 as {address})"
+    for name, network in _NAMED_RANGES:
+        if address.version == network.version and address in network:
+            return f"an address in {name}"
+    flags = (
+        ("a loopback address", address.is_loopback),
+        ("an unspecified address", address.is_unspecified),
+        ("a link-local address (cloud metadata lives there)", address.is_link_local),
+        ("a multicast address", address.is_multicast),
+        ("a private address", address.is_private),
+        ("a reserved address", address.is_reserved),
+        ("an address that is not globally routable", not address.is_global),
+    )
+    return next((name for name, matches in flags if matches), None)
+
+
+def _embedded_ipv4(address: IPAddress) -> ipaddress.IPv4Address | None:
+    """The IPv4 address hidden in an IPv6 one, for the forms a host may route."""
+    if address.version == 4:
+        return None
+    assert isinstance(address, ipaddress.IPv6Address)
+    if address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    if address.sixtofour is not None:
+        return address.sixtofour
+    if address in _NAT64:
+        return ipaddress.IPv4Address(int(address) & 0xFFFF_FFFF)
+    if int(address) >> 32 == 0 and int(address) > 1:
+        # Deprecated IPv4-compatible form ::a.b.c.d (::1 and :: are handled as themselves).
+        return ipaddress.IPv4Address(int(address))
+    return None
