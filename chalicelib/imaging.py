@@ -136,13 +136,24 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 
 
 def _high_depth_to_rgb(image: Image.Image) -> Image.Image:
-    """Scale 16-bit, 32-bit and float greyscale into 0..255 rather than clipping it."""
+    """16-bit, 32-bit and float greyscale to 8 bits by their range, not by clipping.
+
+    Pillow's own ``convert`` clips these to 0..255, which turns a normal
+    16-bit photo white. Integer images are scaled from the 16-bit range when
+    they fit it (16-bit PNG and TIFF arrive as ``I;16`` or ``I``); float
+    images from [0, 1] when they fit it; anything else is stretched from its
+    own minimum to maximum.
+    """
     values = np.asarray(image, dtype=np.float64)
     finite = values[np.isfinite(values)]
     low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+    if image.mode == "F" and low >= 0.0 and high <= 1.0:
+        low, high = 0.0, 1.0
+    elif image.mode != "F" and low >= 0 and high <= 65535:
+        low, high = 0.0, 65535.0
     scale = 255.0 / (high - low) if high > low else 0.0
     grey = np.nan_to_num((values - low) * scale, nan=0.0, posinf=255.0, neginf=0.0)
-    return Image.fromarray(np.clip(grey, 0, 255).astype(np.uint8), mode="L").convert("RGB")
+    return Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8), mode="L").convert("RGB")
 
 
 def to_model_input(image: Image.Image, preprocessing: Preprocessing) -> np.ndarray:

@@ -67,11 +67,15 @@ class UrlPolicy:
     def check(self, url: str, resolve: Resolver | None = None) -> Target:
         """Refuse the URL with ``InvalidURL``, or say which address to connect to."""
         parts = _parse(url)
-        port = parts.port or (443 if parts.scheme == "https" else 80)
+        port = parts.port if parts.port is not None else (443 if parts.scheme == "https" else 80)
         if self.allowed_ports is not None and port not in self.allowed_ports:
             allowed = ", ".join(str(p) for p in sorted(self.allowed_ports))
             raise InvalidURL(f"The image URL uses port {port}; allowed ports are {allowed} (ALLOWED_PORTS).")
         host = parts.hostname or ""
+        if not self.allow_private and _is_localhost_name(host):
+            raise InvalidURL(
+                f"The image URL's host {host!r} is a loopback name; only public hosts may be fetched."
+            )
         addresses = (resolve or resolve_host)(host, port)
         if not self.allow_private:
             for address in addresses:
@@ -99,6 +103,12 @@ def _parse(url: str) -> SplitResult:
     if parts.username is not None or parts.password is not None:
         raise InvalidURL("The image URL must not carry a user name or password (user:pass@host).")
     return parts
+
+
+def _is_localhost_name(host: str) -> bool:
+    """RFC 6761: ``localhost`` and every name under it mean this machine, whatever DNS says."""
+    name = host.rstrip(".").lower()
+    return name == "localhost" or name.endswith(".localhost")
 
 
 def resolve_host(host: str, port: int) -> list[IPAddress]:

@@ -8,6 +8,7 @@ can reach AWS or 169.254.169.254 even by mistake.
 from __future__ import annotations
 
 import io
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +20,8 @@ from chalice.test import Client
 from PIL import Image
 
 from chalicelib.settings import DEMO_ARCHIVE
-from tests.support.http_server import LoopbackHTTPServer, serve_bytes
+from tests.support.http_server import RoutedHTTPServer, serve_bytes
+from tests.support.network import require_isolated_network
 from tests.support.s3 import MotoS3Server
 
 for _name in ("MODEL_BUCKET", "MODEL_KEY", "MODEL_PATH", "MODEL_CACHE_DIR", "AWS_PROFILE"):
@@ -72,18 +74,30 @@ def photos() -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="session")
-def image_server(photos: dict[str, bytes]) -> Iterator[LoopbackHTTPServer]:
-    with LoopbackHTTPServer() as server:
+def image_server(photos: dict[str, bytes]) -> Iterator[RoutedHTTPServer]:
+    with RoutedHTTPServer() as server:
         for name, data in photos.items():
             server.routes[f"/{name}.jpg"] = serve_bytes(data)
         yield server
 
 
 @pytest.fixture(scope="session")
-def client() -> Iterator[Client]:
+def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Client]:
+    """The app under a stage with no variables of its own.
+
+    chalice.test.Client lays a stage's environment_variables over the process
+    environment for each request, so under ``dev`` a test could not switch
+    the URL policy back on. Here each test's own environment is the whole
+    configuration; tests/test_config.py checks the real stages.
+    """
     from app import app
 
-    with Client(app) as test_client:
+    project = tmp_path_factory.mktemp("project")
+    (project / ".chalice").mkdir()
+    (project / ".chalice" / "config.json").write_text(
+        json.dumps({"version": "2.0", "app_name": "chalice-classifier", "stages": {"test": {}}})
+    )
+    with Client(app, stage_name="test", project_dir=str(project)) as test_client:
         yield test_client
 
 
@@ -106,3 +120,9 @@ def cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     path = tmp_path / "cache"
     monkeypatch.setenv("MODEL_CACHE_DIR", str(path))
     return path
+
+
+@pytest.fixture
+def isolated_network() -> None:
+    """For tests that name non-loopback addresses: fail unless no packet can leave."""
+    require_isolated_network()

@@ -15,7 +15,7 @@ from chalicelib.settings import DEMO_ARCHIVE
 from tests.conftest import DEMO_KEY, MODEL_BUCKET
 from tests.support.api import JSON, classify, error_of
 from tests.support.archives import fastai_archive
-from tests.support.http_server import LoopbackHTTPServer, serve_bytes
+from tests.support.http_server import RoutedHTTPServer, serve_bytes
 from tests.support.s3 import MotoS3Server
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
     [("chelsea", {"Egyptian cat", "tabby", "tiger cat"}), ("coffee", {"espresso"})],
 )
 def test_real_photo_is_classified(
-    client: Client, image_server: LoopbackHTTPServer, photo: str, expected: set[str]
+    client: Client, image_server: RoutedHTTPServer, photo: str, expected: set[str]
 ) -> None:
     response = classify(client, image_server.url(f"/{photo}.jpg"))
 
@@ -39,7 +39,7 @@ def test_real_photo_is_classified(
 
 
 def test_espresso_confidence_matches_the_model_card(
-    client: Client, image_server: LoopbackHTTPServer, demo_from_s3: None
+    client: Client, image_server: RoutedHTTPServer, demo_from_s3: None
 ) -> None:
     body = classify(client, image_server.url("/coffee.jpg")).json_body
 
@@ -48,7 +48,7 @@ def test_espresso_confidence_matches_the_model_card(
 
 def test_ping_is_cheap_then_reports_the_loaded_model(
     client: Client,
-    image_server: LoopbackHTTPServer,
+    image_server: RoutedHTTPServer,
     s3: object,
     cache_dir: Path,
     monkeypatch: pytest.MonkeyPatch,
@@ -66,7 +66,7 @@ def test_ping_is_cheap_then_reports_the_loaded_model(
 
 @pytest.mark.usefixtures("cache_dir")
 def test_without_model_settings_the_built_in_demo_model_serves(
-    client: Client, image_server: LoopbackHTTPServer
+    client: Client, image_server: RoutedHTTPServer
 ) -> None:
     response = classify(client, image_server.url("/coffee.jpg"))
 
@@ -75,7 +75,7 @@ def test_without_model_settings_the_built_in_demo_model_serves(
 
 @pytest.mark.usefixtures("cache_dir")
 def test_fastai_archive_loads_and_answers_plain_text_class_names(
-    client: Client, image_server: LoopbackHTTPServer, s3: object, monkeypatch: pytest.MonkeyPatch
+    client: Client, image_server: RoutedHTTPServer, s3: object, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     s3.put_object(Bucket=MODEL_BUCKET, Key="fastai/model.tar.gz", Body=fastai_archive())  # type: ignore[attr-defined]
     monkeypatch.setenv("MODEL_BUCKET", MODEL_BUCKET)
@@ -100,7 +100,7 @@ def _solid_png(colour: tuple[int, int, int]) -> bytes:
 
 @pytest.mark.usefixtures("cache_dir")
 def test_two_concurrent_cold_requests_download_the_archive_once(
-    image_server: LoopbackHTTPServer, s3_server: MotoS3Server, s3: object, monkeypatch: pytest.MonkeyPatch
+    image_server: RoutedHTTPServer, s3_server: MotoS3Server, s3: object, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Straight into the service rather than through chalice.test.Client, whose
     # per-request environment patching is not thread-safe.
@@ -157,7 +157,7 @@ def test_wrong_content_type_is_415(client: Client) -> None:
 
 
 @pytest.mark.usefixtures("demo_from_s3")
-def test_bytes_that_are_not_an_image_are_422(client: Client, image_server: LoopbackHTTPServer) -> None:
+def test_bytes_that_are_not_an_image_are_422(client: Client, image_server: RoutedHTTPServer) -> None:
     image_server.routes["/not-an-image.jpg"] = serve_bytes(b"<html>hello</html>", "image/jpeg")
 
     status, code, message = error_of(classify(client, image_server.url("/not-an-image.jpg")))
@@ -182,7 +182,7 @@ def test_unreachable_host_is_502(client: Client) -> None:
 
 @pytest.mark.usefixtures("demo_from_s3")
 def test_image_host_error_status_is_502_naming_the_status(
-    client: Client, image_server: LoopbackHTTPServer
+    client: Client, image_server: RoutedHTTPServer
 ) -> None:
     status, code, message = error_of(classify(client, image_server.url("/missing.jpg")))
 

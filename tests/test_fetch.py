@@ -9,7 +9,7 @@ import pytest
 from chalicelib.errors import ImageTooLarge, InvalidURL, UpstreamError, UpstreamTimeout
 from chalicelib.fetch import FetchLimits, ImageFetcher
 from chalicelib.url_policy import UrlPolicy
-from tests.support.http_server import LoopbackHTTPServer, drip, endless, redirect_to, serve_bytes, stall
+from tests.support.http_server import RoutedHTTPServer, drip, endless, redirect_to, serve_bytes, stall
 
 QUICK = FetchLimits(connect_timeout=1.0, read_timeout=0.5, deadline=2.0, max_bytes=100_000)
 # These tests are about transport limits; the address policy has its own tests.
@@ -17,18 +17,18 @@ LOOPBACK_ALLOWED = UrlPolicy(allowed_ports=None, allow_private=True)
 
 
 @pytest.fixture
-def host() -> LoopbackHTTPServer:
-    with LoopbackHTTPServer() as server:
+def host() -> RoutedHTTPServer:
+    with RoutedHTTPServer() as server:
         yield server
 
 
-def test_body_is_returned(host: LoopbackHTTPServer) -> None:
+def test_body_is_returned(host: RoutedHTTPServer) -> None:
     host.routes["/a.jpg"] = serve_bytes(b"image bytes")
 
     assert ImageFetcher(QUICK, LOOPBACK_ALLOWED).fetch(host.url("/a.jpg")) == b"image bytes"
 
 
-def test_redirects_are_followed_up_to_three(host: LoopbackHTTPServer) -> None:
+def test_redirects_are_followed_up_to_three(host: RoutedHTTPServer) -> None:
     host.routes["/1"] = redirect_to("/2")
     host.routes["/2"] = redirect_to(host.url("/3"), status=301)
     host.routes["/3"] = redirect_to("/final.jpg", status=307)
@@ -38,7 +38,7 @@ def test_redirects_are_followed_up_to_three(host: LoopbackHTTPServer) -> None:
     assert host.requests == ["/1", "/2", "/3", "/final.jpg"]
 
 
-def test_a_fourth_redirect_is_refused(host: LoopbackHTTPServer) -> None:
+def test_a_fourth_redirect_is_refused(host: RoutedHTTPServer) -> None:
     for hop in range(1, 5):
         host.routes[f"/{hop}"] = redirect_to(f"/{hop + 1}")
     host.routes["/5"] = serve_bytes(b"never")
@@ -48,49 +48,49 @@ def test_a_fourth_redirect_is_refused(host: LoopbackHTTPServer) -> None:
     assert "/5" not in host.requests
 
 
-def test_a_redirect_loop_is_refused(host: LoopbackHTTPServer) -> None:
+def test_a_redirect_loop_is_refused(host: RoutedHTTPServer) -> None:
     host.routes["/loop"] = redirect_to("/loop")
 
     with pytest.raises(UpstreamError, match="redirected more than 3 times"):
         ImageFetcher(QUICK, LOOPBACK_ALLOWED).fetch(host.url("/loop"))
 
 
-def test_a_redirect_to_another_scheme_is_refused(host: LoopbackHTTPServer) -> None:
+def test_a_redirect_to_another_scheme_is_refused(host: RoutedHTTPServer) -> None:
     host.routes["/ftp"] = redirect_to("ftp://127.0.0.1/cat.jpg")
 
     with pytest.raises(InvalidURL, match="http:// or https://"):
         ImageFetcher(QUICK, LOOPBACK_ALLOWED).fetch(host.url("/ftp"))
 
 
-def test_declared_oversize_is_refused_before_reading(host: LoopbackHTTPServer) -> None:
+def test_declared_oversize_is_refused_before_reading(host: RoutedHTTPServer) -> None:
     host.routes["/big"] = serve_bytes(b"x" * 100_001)
 
     with pytest.raises(ImageTooLarge, match="declares 100,001 bytes"):
         ImageFetcher(QUICK, LOOPBACK_ALLOWED).fetch(host.url("/big"))
 
 
-def test_a_lying_content_length_does_not_lift_the_cap(host: LoopbackHTTPServer) -> None:
+def test_a_lying_content_length_does_not_lift_the_cap(host: RoutedHTTPServer) -> None:
     host.routes["/liar"] = endless(declared_length=10)
 
     # urllib3 stops at the declared length, so the liar gets exactly what it declared.
     assert len(ImageFetcher(QUICK, LOOPBACK_ALLOWED).fetch(host.url("/liar"))) == 10
 
 
-def test_an_endless_body_stops_at_the_cap(host: LoopbackHTTPServer) -> None:
+def test_an_endless_body_stops_at_the_cap(host: RoutedHTTPServer) -> None:
     host.routes["/endless"] = endless()
 
     with pytest.raises(ImageTooLarge, match="100,000-byte limit"):
         ImageFetcher(QUICK, LOOPBACK_ALLOWED).fetch(host.url("/endless"))
 
 
-def test_a_silent_host_times_out(host: LoopbackHTTPServer) -> None:
+def test_a_silent_host_times_out(host: RoutedHTTPServer) -> None:
     host.routes["/silent"] = stall(3.0)
 
     with pytest.raises(UpstreamTimeout):
         ImageFetcher(QUICK, LOOPBACK_ALLOWED).fetch(host.url("/silent"))
 
 
-def test_a_dripping_host_is_cut_off_at_the_deadline(host: LoopbackHTTPServer) -> None:
+def test_a_dripping_host_is_cut_off_at_the_deadline(host: RoutedHTTPServer) -> None:
     host.routes["/drip"] = drip(byte_every=0.2)
     started = time.monotonic()
 

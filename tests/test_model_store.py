@@ -23,7 +23,7 @@ from chalicelib.settings import DEMO_ARCHIVE
 from tests.conftest import MODEL_BUCKET
 from tests.support.api import classify, error_of
 from tests.support.archives import COLOUR_CLASSES, fastai_archive, tar_gz, traced_colour_model
-from tests.support.http_server import LoopbackHTTPServer
+from tests.support.http_server import RoutedHTTPServer
 
 ABSOLUTE_MEMBER = "/tmp/chalice-classifier-test-absolute-member.txt"
 
@@ -79,7 +79,7 @@ BAD_ARCHIVES = {
 @pytest.mark.parametrize("case", sorted(BAD_ARCHIVES))
 def test_bad_archive_is_503_naming_the_cause_and_leaves_nothing_behind(
     client: Client,
-    image_server: LoopbackHTTPServer,
+    image_server: RoutedHTTPServer,
     s3: object,
     tmp_path: Path,
     cache_dir: Path,
@@ -106,7 +106,7 @@ def test_bad_archive_is_503_naming_the_cause_and_leaves_nothing_behind(
 
 @pytest.mark.usefixtures("cache_dir")
 def test_missing_object_is_503_that_says_not_found(
-    client: Client, image_server: LoopbackHTTPServer, s3: object, monkeypatch: pytest.MonkeyPatch
+    client: Client, image_server: RoutedHTTPServer, s3: object, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("MODEL_BUCKET", MODEL_BUCKET)
     monkeypatch.setenv("MODEL_KEY", "no/such/model.tar.gz")
@@ -120,7 +120,7 @@ def test_missing_object_is_503_that_says_not_found(
 
 @pytest.mark.usefixtures("cache_dir")
 def test_missing_bucket_is_503_that_says_not_found(
-    client: Client, image_server: LoopbackHTTPServer, s3: object, monkeypatch: pytest.MonkeyPatch
+    client: Client, image_server: RoutedHTTPServer, s3: object, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("MODEL_BUCKET", "no-such-bucket")
     monkeypatch.setenv("MODEL_KEY", "model.tar.gz")
@@ -133,7 +133,7 @@ def test_missing_bucket_is_503_that_says_not_found(
 
 @pytest.mark.usefixtures("cache_dir")
 def test_missing_local_archive_is_503_that_says_how_to_fix_it(
-    client: Client, image_server: LoopbackHTTPServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    client: Client, image_server: RoutedHTTPServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("MODEL_PATH", str(tmp_path / "nowhere.tar.gz"))
 

@@ -8,6 +8,7 @@ can also prove that a refused URL was never fetched.
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -37,10 +38,13 @@ def redirect_to(location: str, status: int = 302) -> Route:
     return route
 
 
-class LoopbackHTTPServer:
-    def __init__(self) -> None:
+class RoutedHTTPServer:
+    """Serves ``routes`` on one address; 127.0.0.1 and a free port unless told otherwise."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
         self.routes: dict[str, Route] = {}
         self.requests: list[str] = []
+        self.host_headers: list[str] = []
         owner = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -48,6 +52,7 @@ class LoopbackHTTPServer:
 
             def do_GET(self) -> None:
                 owner.requests.append(self.path)
+                owner.host_headers.append(self.headers.get("Host", ""))
                 route = owner.routes.get(self.path)
                 if route is None:
                     self.send_error(404)
@@ -57,14 +62,26 @@ class LoopbackHTTPServer:
             def log_message(self, format: str, *args: object) -> None:
                 pass
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
+        class Server(ThreadingHTTPServer):
+            address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            daemon_threads = True
+
+            def handle_error(self, request: object, client_address: object) -> None:
+                pass  # a client hanging up on a misbehaving route is the point of the test
+
+        self._host = host
+        self._server = Server((host, port), Handler)
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self._server.server_port}{path}"
+    @property
+    def port(self) -> int:
+        return self._server.server_address[1]
 
-    def __enter__(self) -> LoopbackHTTPServer:
+    def url(self, path: str) -> str:
+        host = f"[{self._host}]" if ":" in self._host else self._host
+        return f"http://{host}:{self.port}{path}"
+
+    def __enter__(self) -> RoutedHTTPServer:
         self._thread.start()
         return self
 

@@ -1,0 +1,302 @@
+"""The hostile-input catalogue, end to end through chalice.test.Client.
+
+Runs only in the isolated network namespace (see tests/support/network.py),
+under the production URL policy: ALLOW_PRIVATE_URLS and ALLOWED_PORTS unset.
+Three real servers stand by:
+
+- two canaries on 127.0.0.1:80 and [::1]:80, where a URL policy bug would
+  land; every address case asserts they received nothing;
+- a "public" image host on PUBLIC_TEST_ADDRESS:80, the one address the policy
+  accepts, serving photos, hostile images, redirects and misbehaviour.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler
+
+import pytest
+from chalice.test import Client
+from PIL import Image
+
+from tests.support.api import classify, error_of
+from tests.support.http_server import Route, RoutedHTTPServer, drip, endless, redirect_to, serve_bytes
+from tests.support.network import PUBLIC_TEST_ADDRESS, require_isolated_network
+
+PUBLIC = f"http://{PUBLIC_TEST_ADDRESS}"
+DEADLINE = 3.0
+READ_TIMEOUT = 2.0
+MAX_BYTES = 3_000_000
+
+
+@dataclass(frozen=True)
+class Case:
+    url: str
+    status: int
+    code: str
+    address: bool = False  # a case about where the URL points: the canaries must stay silent
+
+
+def _encode(image: Image.Image, fmt: str, **options: object) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+def _with_jpeg_size(data: bytes, width: int, height: int) -> bytes:
+    start = data.index(b"\xff\xc0")  # baseline start-of-frame: length, precision, height, width
+    return data[: start + 5] + struct.pack(">HH", height, width) + data[start + 9 :]
+
+
+def _with_bmp_size(data: bytes, width: int, height: int) -> bytes:
+    return data[:18] + struct.pack("<ii", width, height) + data[26:]
+
+
+def _with_gif_screen(data: bytes, width: int, height: int) -> bytes:
+    return data[:6] + struct.pack("<HH", width, height) + data[10:]
+
+
+def _flip_bytes(data: bytes, start: int, count: int) -> bytes:
+    middle = bytes(b ^ 0xFF for b in data[start : start + count])
+    return data[:start] + middle + data[start + count :]
+
+
+def hostile_images(photo: bytes) -> dict[str, bytes]:
+    small_jpeg = _encode(Image.new("RGB", (64, 48), (200, 30, 30)), "JPEG")
+    small_png = _encode(Image.new("RGB", (64, 48), (200, 30, 30)), "PNG")
+    return {
+        "html": b"<!doctype html><html><body>not an image</body></html>",
+        "empty": b"",
+        "random": bytes(range(256)) * 8,
+        "truncated-jpeg": photo[: len(photo) // 3],
+        "truncated-png": small_png[:60],
+        "corrupt-png-data": _flip_bytes(small_png, 45, 20),
+        "svg": b'<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"/>',
+        "eps": b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 100 100\nshowpage\n",
+        "pcx": _encode(Image.new("RGB", (16, 16)), "PCX"),
+        "ico": _encode(Image.new("RGB", (16, 16)), "ICO"),
+        "zip": b"PK\x03\x04" + b"\x00" * 100,
+        "png-100-megapixels": _encode(Image.new("1", (10_000, 10_000)), "PNG", optimize=True),
+        "jpeg-65500-square": _with_jpeg_size(small_jpeg, 65_500, 65_500),
+        "bmp-30000-square": _with_bmp_size(_encode(Image.new("RGB", (4, 4)), "BMP"), 30_000, 30_000),
+        "gif-65535-screen": _with_gif_screen(_encode(Image.new("P", (4, 4)), "GIF"), 65_535, 65_535),
+    }
+
+
+IMAGE_CASES = {
+    "html": Case(f"{PUBLIC}/img/html", 422, "UnsupportedImage"),
+    "empty": Case(f"{PUBLIC}/img/empty", 422, "UnsupportedImage"),
+    "random": Case(f"{PUBLIC}/img/random", 422, "UnsupportedImage"),
+    "truncated-jpeg": Case(f"{PUBLIC}/img/truncated-jpeg", 422, "UnsupportedImage"),
+    "truncated-png": Case(f"{PUBLIC}/img/truncated-png", 422, "UnsupportedImage"),
+    "corrupt-png-data": Case(f"{PUBLIC}/img/corrupt-png-data", 422, "UnsupportedImage"),
+    "svg": Case(f"{PUBLIC}/img/svg", 422, "UnsupportedImage"),
+    "eps (would run Ghostscript)": Case(f"{PUBLIC}/img/eps", 422, "UnsupportedImage"),
+    "pcx (not allowed)": Case(f"{PUBLIC}/img/pcx", 422, "UnsupportedImage"),
+    "ico (not allowed)": Case(f"{PUBLIC}/img/ico", 422, "UnsupportedImage"),
+    "zip": Case(f"{PUBLIC}/img/zip", 422, "UnsupportedImage"),
+    "png-100-megapixels": Case(f"{PUBLIC}/img/png-100-megapixels", 413, "ImageTooLarge"),
+    "jpeg-65500-square": Case(f"{PUBLIC}/img/jpeg-65500-square", 413, "ImageTooLarge"),
+    "bmp-30000-square": Case(f"{PUBLIC}/img/bmp-30000-square", 413, "ImageTooLarge"),
+    "gif-65535-screen": Case(f"{PUBLIC}/img/gif-65535-screen", 413, "ImageTooLarge"),
+}
+
+ADDRESS_CASES = {
+    spelling: Case(f"http://{spelling}/cat.jpg", 400, "InvalidURL", address=True)
+    for spelling in [
+        "127.0.0.1",
+        "127.0.0.2",
+        "localhost",
+        "LOCALHOST.",
+        "2130706433",
+        "0x7f.1",
+        "0x7f000001",
+        "0177.0.0.1",
+        "127.1",
+        "[::1]",
+        "[::ffff:127.0.0.1]",
+        "[0:0:0:0:0:ffff:7f00:1]",
+        "[::127.0.0.1]",
+        "[64:ff9b::7f00:1]",
+        "[2002:7f00:1::]",
+        "0.0.0.0",
+        "0",
+        "[::]",
+        "169.254.169.254",
+        "[fd00:ec2::254]",
+        "[::ffff:169.254.169.254]",
+        "169.254.170.2",
+        "10.0.0.1",
+        "172.16.0.1",
+        "192.168.1.1",
+        "100.64.0.1",
+        "[fe80::1]",
+        "[fc00::1]",
+        "224.0.0.1",
+        "255.255.255.255",
+        "240.0.0.1",
+        "198.18.0.1",
+    ]
+}
+
+URL_CASES = {
+    "redirect to loopback": Case(f"{PUBLIC}/to/loopback", 400, "InvalidURL", address=True),
+    "redirect to localhost": Case(f"{PUBLIC}/to/localhost", 400, "InvalidURL", address=True),
+    "redirect to [::1]": Case(f"{PUBLIC}/to/ipv6-loopback", 400, "InvalidURL", address=True),
+    "redirect to metadata": Case(f"{PUBLIC}/to/metadata", 400, "InvalidURL", address=True),
+    "redirect to decimal loopback": Case(f"{PUBLIC}/to/decimal", 400, "InvalidURL", address=True),
+    "redirect to file://": Case(f"{PUBLIC}/to/file", 400, "InvalidURL"),
+    "redirect to port 8080": Case(f"{PUBLIC}/to/port", 400, "InvalidURL"),
+    "redirect loop": Case(f"{PUBLIC}/loop", 502, "UpstreamError"),
+    "port 8080": Case(f"http://{PUBLIC_TEST_ADDRESS}:8080/cat.jpg", 400, "InvalidURL"),
+    "port 22 over https": Case(f"https://{PUBLIC_TEST_ADDRESS}:22/", 400, "InvalidURL"),
+    "userinfo": Case(f"http://user:secret@{PUBLIC_TEST_ADDRESS}/cat.jpg", 400, "InvalidURL"),
+    "userinfo hiding a host": Case("http://11.22.33.44@127.0.0.1/cat.jpg", 400, "InvalidURL", address=True),
+    "file scheme": Case("file:///etc/passwd", 400, "InvalidURL"),
+    "gopher to loopback": Case("gopher://127.0.0.1:80/_GET", 400, "InvalidURL", address=True),
+    "dict to loopback": Case("dict://127.0.0.1:80/info", 400, "InvalidURL", address=True),
+    "ftp": Case(f"ftp://{PUBLIC_TEST_ADDRESS}/cat.jpg", 400, "InvalidURL"),
+    "no host": Case("http:///cat.jpg", 400, "InvalidURL"),
+    "very long url": Case(f"{PUBLIC}/{'a' * 3000}", 400, "InvalidURL"),
+    "host answers 404": Case(f"{PUBLIC}/missing.jpg", 502, "UpstreamError"),
+    "host answers 500": Case(f"{PUBLIC}/error", 502, "UpstreamError"),
+    "endless body": Case(f"{PUBLIC}/endless", 413, "ImageTooLarge"),
+    "declares 1 GB": Case(f"{PUBLIC}/huge", 413, "ImageTooLarge"),
+    "drips one byte a second": Case(f"{PUBLIC}/drip", 504, "UpstreamTimeout"),
+}
+
+CATALOGUE = {**IMAGE_CASES, **ADDRESS_CASES, **URL_CASES}
+
+
+@pytest.fixture(scope="module")
+def canaries() -> Iterator[tuple[RoutedHTTPServer, RoutedHTTPServer]]:
+    require_isolated_network()
+    with RoutedHTTPServer("127.0.0.1", 80) as ipv4, RoutedHTTPServer("::1", 80) as ipv6:
+        for canary in (ipv4, ipv6):
+            canary.routes["/cat.jpg"] = serve_bytes(_encode(Image.new("RGB", (32, 32)), "JPEG"))
+        yield ipv4, ipv6
+
+
+@pytest.fixture(scope="module")
+def public_host(photos: dict[str, bytes]) -> Iterator[RoutedHTTPServer]:
+    require_isolated_network()
+    with RoutedHTTPServer(PUBLIC_TEST_ADDRESS, 80) as host:
+        host.routes["/cat.jpg"] = serve_bytes(photos["chelsea"])
+        host.routes["/coffee.jpg"] = serve_bytes(photos["coffee"])
+        for name, data in hostile_images(photos["coffee"]).items():
+            host.routes[f"/img/{name}"] = serve_bytes(data)
+        host.routes["/to/loopback"] = redirect_to("http://127.0.0.1/cat.jpg")
+        host.routes["/to/localhost"] = redirect_to("http://localhost/cat.jpg")
+        host.routes["/to/ipv6-loopback"] = redirect_to("http://[::1]/cat.jpg")
+        host.routes["/to/metadata"] = redirect_to("http://169.254.169.254/latest/meta-data/")
+        host.routes["/to/decimal"] = redirect_to("http://2130706433/cat.jpg")
+        host.routes["/to/file"] = redirect_to("file:///etc/passwd")
+        host.routes["/to/port"] = redirect_to(f"http://{PUBLIC_TEST_ADDRESS}:8080/cat.jpg")
+        host.routes["/to/coffee"] = redirect_to("/coffee.jpg")
+        host.routes["/loop"] = redirect_to("/loop")
+        host.routes["/error"] = serve_bytes(b"oops", "text/plain", status=500)
+        host.routes["/endless"] = endless()
+        host.routes["/huge"] = serve_bytes_declaring(1_000_000_000)
+        host.routes["/drip"] = drip(byte_every=1.0, total=60)
+        yield host
+
+
+def serve_bytes_declaring(length: int) -> Route:
+    """Promise ``length`` bytes and send three: the cap must act on the promise."""
+
+    def route(handler: BaseHTTPRequestHandler) -> None:
+        handler.send_response(200)
+        handler.send_header("Content-Type", "image/jpeg")
+        handler.send_header("Content-Length", str(length))
+        handler.end_headers()
+        handler.wfile.write(b"\xff\xd8\xff")
+
+    return route
+
+
+@pytest.fixture
+def production_policy(demo_from_s3: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("ALLOW_PRIVATE_URLS", raising=False)
+    monkeypatch.delenv("ALLOWED_PORTS", raising=False)
+    monkeypatch.setenv("FETCH_DEADLINE", str(DEADLINE))
+    monkeypatch.setenv("FETCH_READ_TIMEOUT", str(READ_TIMEOUT))
+    monkeypatch.setenv("MAX_IMAGE_BYTES", str(MAX_BYTES))
+
+
+@pytest.mark.usefixtures("production_policy")
+@pytest.mark.parametrize("name", list(CATALOGUE))
+def test_hostile_catalogue(
+    client: Client,
+    canaries: tuple[RoutedHTTPServer, RoutedHTTPServer],
+    public_host: RoutedHTTPServer,
+    name: str,
+) -> None:
+    case = CATALOGUE[name]
+    before = [len(canary.requests) for canary in canaries]
+
+    status, code, message = error_of(classify(client, case.url))
+
+    assert (status, code) == (case.status, case.code), message
+    assert message
+    assert "Traceback" not in message
+    if case.address:
+        assert [len(canary.requests) for canary in canaries] == before, "a refused URL was fetched"
+
+
+def test_catalogue_is_large_enough() -> None:
+    assert len(CATALOGUE) >= 40
+
+
+@pytest.mark.usefixtures("production_policy")
+def test_a_public_host_is_served_under_the_production_policy(
+    client: Client, public_host: RoutedHTTPServer
+) -> None:
+    response = classify(client, f"{PUBLIC}/to/coffee")
+
+    assert (response.status_code, response.json_body["class"]) == (200, "espresso")
+
+
+@pytest.mark.usefixtures("production_policy", "canaries")
+def test_a_dripping_host_gets_504_within_the_deadline(client: Client, public_host: RoutedHTTPServer) -> None:
+    started = time.monotonic()
+
+    status, code, message = error_of(classify(client, f"{PUBLIC}/drip"))
+
+    assert (status, code) == (504, "UpstreamTimeout")
+    assert f"within {DEADLINE:g} s" in message
+    # A correctness bound, not a speed target: one read may finish after the deadline.
+    assert time.monotonic() - started < DEADLINE + READ_TIMEOUT + 3
+
+
+@pytest.mark.usefixtures("production_policy", "canaries")
+def test_an_endless_body_stops_at_the_cap(client: Client, public_host: RoutedHTTPServer) -> None:
+    status, code, message = error_of(classify(client, f"{PUBLIC}/endless"))
+
+    assert (status, code) == (413, "ImageTooLarge")
+    assert f"{MAX_BYTES:,}-byte limit" in message
+
+
+@pytest.mark.usefixtures("production_policy")
+def test_redirect_to_loopback_is_refused_after_the_first_hop_only(
+    client: Client, canaries: tuple[RoutedHTTPServer, RoutedHTTPServer], public_host: RoutedHTTPServer
+) -> None:
+    public_host.requests.clear()
+
+    status, code, message = error_of(classify(client, f"{PUBLIC}/to/loopback"))
+
+    assert (status, code) == (400, "InvalidURL")
+    assert "loopback" in message
+    assert public_host.requests == ["/to/loopback"]
+    assert all(canary.requests == [] for canary in canaries)
+
+
+@pytest.mark.usefixtures("production_policy", "canaries")
+def test_a_redirect_loop_says_so(client: Client, public_host: RoutedHTTPServer) -> None:
+    status, code, message = error_of(classify(client, f"{PUBLIC}/loop"))
+
+    assert (status, code) == (502, "UpstreamError")
+    assert "redirected more than 3 times" in message

@@ -1,0 +1,173 @@
+"""The URL policy as decisions: nothing here opens a connection.
+
+Hostnames are resolved by a table, not DNS. The few tests that use the system
+resolver (numeric spellings, an unknown name) ask for the isolated network,
+so even a resolver that decided to send a DNS query could not reach anything.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+
+from chalicelib.errors import InvalidURL, UpstreamError
+from chalicelib.url_policy import IPAddress, Resolver, UrlPolicy, forbidden_reason, resolve_host
+
+PRODUCTION = UrlPolicy()
+
+
+def table(*addresses: str) -> Resolver:
+    def resolve(host: str, port: int) -> list[IPAddress]:
+        return [ipaddress.ip_address(a) for a in addresses]
+
+    return resolve
+
+
+FORBIDDEN = [
+    "127.0.0.1",
+    "127.255.255.254",
+    "0.0.0.0",
+    "0.1.2.3",
+    "10.0.0.1",
+    "172.16.0.1",
+    "172.31.255.255",
+    "192.168.1.1",
+    "169.254.169.254",
+    "169.254.170.2",
+    "100.64.0.1",
+    "100.127.255.255",
+    "192.0.0.1",
+    "192.0.2.1",
+    "192.88.99.1",
+    "198.18.0.1",
+    "198.51.100.1",
+    "203.0.113.1",
+    "224.0.0.1",
+    "239.255.255.250",
+    "240.0.0.1",
+    "255.255.255.255",
+    "::1",
+    "::",
+    "fe80::1",
+    "fd00:ec2::254",
+    "fc00::1",
+    "fec0::1",
+    "ff02::1",
+    "::ffff:127.0.0.1",
+    "::ffff:169.254.169.254",
+    "::127.0.0.1",
+    "64:ff9b::7f00:1",
+    "64:ff9b::a9fe:a9fe",
+    "64:ff9b:1::1",
+    "2002:7f00:1::",
+    "2002:a9fe:a9fe::",
+    "2001:db8::1",
+    "2001::1",
+]
+PUBLIC = ["8.8.8.8", "1.1.1.1", "11.22.33.44", "2606:4700:4700::1111", "64:ff9b::808:808", "2002:808:808::"]
+
+
+@pytest.mark.parametrize("address", FORBIDDEN)
+def test_non_public_addresses_are_forbidden(address: str) -> None:
+    assert forbidden_reason(ipaddress.ip_address(address)) is not None
+
+
+@pytest.mark.parametrize("address", PUBLIC)
+def test_public_addresses_are_allowed(address: str) -> None:
+    assert forbidden_reason(ipaddress.ip_address(address)) is None
+
+
+def test_metadata_address_is_named_for_what_it_is() -> None:
+    assert "link-local" in forbidden_reason(ipaddress.ip_address("169.254.169.254"))
+
+
+@pytest.mark.parametrize(
+    "spelling", ["2130706433", "0x7f.1", "0x7f000001", "0177.0.0.1", "127.1", "017700000001"]
+)
+@pytest.mark.usefixtures("isolated_network")
+def test_numeric_spellings_resolve_to_loopback_and_are_refused(spelling: str) -> None:
+    assert all(a.is_loopback for a in resolve_host(spelling, 80))
+    with pytest.raises(InvalidURL, match="loopback"):
+        PRODUCTION.check(f"http://{spelling}/cat.jpg")
+
+
+@pytest.mark.parametrize("name", ["localhost", "LocalHost.", "metadata.localhost", "a.b.localhost."])
+def test_localhost_names_are_refused_without_resolving(name: str) -> None:
+    def no_lookup(host: str, port: int) -> list[ipaddress.IPv4Address]:
+        raise AssertionError("a localhost name must not be resolved")
+
+    with pytest.raises(InvalidURL, match="loopback name"):
+        PRODUCTION.check(f"http://{name}/", no_lookup)
+
+
+def test_one_private_record_among_public_ones_refuses_the_host() -> None:
+    with pytest.raises(InvalidURL, match="private"):
+        PRODUCTION.check("http://mixed.example/cat.jpg", table("8.8.8.8", "10.0.0.1"))
+
+
+def test_a_public_host_is_pinned_to_its_first_address() -> None:
+    target = PRODUCTION.check("https://images.example/cat.jpg", table("8.8.8.8", "1.1.1.1"))
+
+    assert (target.host, target.port, str(target.address)) == ("images.example", 443, "8.8.8.8")
+
+
+def test_refusal_does_not_reveal_the_internal_address() -> None:
+    with pytest.raises(InvalidURL) as refused:
+        PRODUCTION.check("http://internal.example/", table("10.1.2.3"))
+
+    assert "10.1.2.3" not in str(refused.value)
+    assert "internal.example" in str(refused.value)
+
+
+@pytest.mark.usefixtures("isolated_network")
+def test_allow_private_lifts_only_the_address_check() -> None:
+    relaxed = UrlPolicy(allow_private=True)
+
+    assert str(relaxed.check("http://127.0.0.1/x.jpg").address) == "127.0.0.1"
+    with pytest.raises(InvalidURL, match="port 8080"):
+        relaxed.check("http://127.0.0.1:8080/x.jpg")
+    with pytest.raises(InvalidURL, match="http:// or https://"):
+        relaxed.check("file:///etc/passwd")
+
+
+def test_allowed_ports_can_be_widened_or_opened() -> None:
+    assert (
+        UrlPolicy(allowed_ports=frozenset({8080})).check("http://x.example:8080/", table("8.8.8.8")).port
+        == 8080
+    )
+    assert UrlPolicy(allowed_ports=None).check("http://x.example:9/", table("8.8.8.8")).port == 9
+
+
+@pytest.mark.parametrize(
+    ("url", "fragment"),
+    [
+        ("file:///etc/passwd", "http:// or https://"),
+        ("ftp://x.example/cat.jpg", "http:// or https://"),
+        ("gopher://x.example:70/", "http:// or https://"),
+        ("dict://x.example:11211/", "http:// or https://"),
+        ("javascript:alert(1)", "http:// or https://"),
+        ("//x.example/cat.jpg", "http:// or https://"),
+        ("cat.jpg", "http:// or https://"),
+        ("http:///cat.jpg", "no host name"),
+        ("http://user:pass@x.example/cat.jpg", "user name or password"),
+        ("http://user@x.example/cat.jpg", "user name or password"),
+        ("http://x.example:99999/cat.jpg", "not valid"),
+        ("http://x.example:8080/cat.jpg", "port 8080"),
+        ("https://x.example:22/", "port 22"),
+        ("http://x.example:0/", "port 0"),
+        ("http://x.example/" + "a" * 2100, "limit is 2048"),
+    ],
+)
+def test_url_shape_is_refused_before_any_lookup(url: str, fragment: str) -> None:
+    def no_lookup(host: str, port: int) -> list[ipaddress.IPv4Address]:
+        raise AssertionError("resolved a URL that should have been refused first")
+
+    with pytest.raises(InvalidURL, match=fragment):
+        PRODUCTION.check(url, no_lookup)
+
+
+@pytest.mark.usefixtures("isolated_network")
+def test_an_unresolvable_host_is_an_upstream_error() -> None:
+    with pytest.raises(UpstreamError, match="Could not resolve"):
+        resolve_host("no-such-host.invalid", 80)
