@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import ipaddress
 import time
 
 import pytest
 
 from chalicelib.errors import ImageTooLarge, InvalidURL, UpstreamError, UpstreamTimeout
 from chalicelib.fetch import FetchLimits, ImageFetcher
-from chalicelib.url_policy import UrlPolicy
+from chalicelib.url_policy import IPAddress, UrlPolicy
 from tests.support.http_server import RoutedHTTPServer, drip, endless, redirect_to, serve_bytes, stall
+from tests.support.network import PUBLIC_TEST_ADDRESS
 
 QUICK = FetchLimits(connect_timeout=1.0, read_timeout=0.5, deadline=2.0, max_bytes=100_000)
 # These tests are about transport limits; the address policy has its own tests.
@@ -109,3 +111,25 @@ def test_a_closed_port_is_upstream_error() -> None:
 
     with pytest.raises(UpstreamError, match="Could not connect"):
         ImageFetcher(QUICK, LOOPBACK_ALLOWED).fetch(f"http://127.0.0.1:{port}/x.jpg")
+
+
+@pytest.mark.usefixtures("isolated_network")
+def test_the_checked_address_is_the_one_connected_to_dns_rebinding() -> None:
+    """A resolver that answers public first and loopback after must not win a second lookup."""
+    answers: list[str] = []
+
+    def rebinding(host: str, port: int) -> list[IPAddress]:
+        answers.append(host)
+        return [ipaddress.ip_address(PUBLIC_TEST_ADDRESS if len(answers) == 1 else "127.0.0.1")]
+
+    with RoutedHTTPServer(PUBLIC_TEST_ADDRESS, 80) as public, RoutedHTTPServer("127.0.0.1", 80) as canary:
+        public.routes["/cat.jpg"] = serve_bytes(b"public bytes")
+        canary.routes["/cat.jpg"] = serve_bytes(b"internal bytes")
+        fetcher = ImageFetcher(QUICK, UrlPolicy(), resolve=rebinding)
+
+        body = fetcher.fetch("http://rebind.example/cat.jpg")
+
+    assert body == b"public bytes"
+    assert answers == ["rebind.example"]
+    assert canary.requests == []
+    assert public.host_headers == ["rebind.example"]

@@ -180,3 +180,78 @@ def test_bad_manifest_preprocessing_is_model_unavailable(section: dict[str, obje
         Preprocessing.from_manifest({"preprocessing": section})
 
     assert fragment in str(raised.value)
+
+
+def _mode_samples() -> dict[str, tuple[bytes, tuple[int, int, int]]]:
+    """One small image per mode, saved in a format that keeps the mode, and the RGB it must become."""
+    palette = Image.new("P", (8, 8), 0)
+    palette.putpalette([0, 0, 255] * 256)
+    sixteen = Image.fromarray(np.full((8, 8), 65535 // 2, dtype=np.uint16))
+    thirty_two = Image.fromarray(np.full((8, 8), 65535, dtype=np.int32))
+    floating = Image.fromarray(np.full((8, 8), 0.25, dtype=np.float32))
+    return {
+        "1": (encode(Image.new("1", (8, 8), 1), "PNG"), (255, 255, 255)),
+        "L": (encode(Image.new("L", (8, 8), 100), "PNG"), (100, 100, 100)),
+        "LA transparent": (encode(Image.new("LA", (8, 8), (0, 0)), "PNG"), (255, 255, 255)),
+        "LA opaque": (encode(Image.new("LA", (8, 8), (60, 255)), "PNG"), (60, 60, 60)),
+        "P": (encode(palette, "PNG"), (0, 0, 255)),
+        "P with transparency (PNG)": (encode(palette, "PNG", transparency=0), (255, 255, 255)),
+        "P with transparency (GIF)": (encode(palette, "GIF", transparency=0), (255, 255, 255)),
+        "RGBA transparent": (encode(Image.new("RGBA", (8, 8), (0, 0, 0, 0)), "PNG"), (255, 255, 255)),
+        "RGBA half": (encode(Image.new("RGBA", (8, 8), (0, 0, 0, 128)), "PNG"), (127, 127, 127)),
+        "RGBA WebP": (
+            encode(Image.new("RGBA", (8, 8), (255, 0, 0, 0)), "WEBP", lossless=True),
+            (255, 255, 255),
+        ),
+        "CMYK JPEG": (encode(Image.new("CMYK", (8, 8), (0, 255, 255, 0)), "JPEG", quality=100), (255, 0, 0)),
+        "CMYK TIFF": (encode(Image.new("CMYK", (8, 8), (255, 0, 255, 0)), "TIFF"), (0, 255, 0)),
+        "I;16 PNG": (encode(sixteen, "PNG"), (127, 127, 127)),
+        "I;16 TIFF": (encode(sixteen, "TIFF"), (127, 127, 127)),
+        "I TIFF": (encode(thirty_two, "TIFF"), (255, 255, 255)),
+        "F TIFF": (encode(floating, "TIFF"), (64, 64, 64)),
+        "BMP": (encode(Image.new("RGB", (8, 8), (1, 2, 3)), "BMP"), (1, 2, 3)),
+    }
+
+
+MODE_SAMPLES = _mode_samples()
+
+
+@pytest.mark.parametrize("name", list(MODE_SAMPLES))
+def test_every_mode_becomes_the_right_rgb(name: str) -> None:
+    data, expected = MODE_SAMPLES[name]
+
+    decoded = decode_image(data, max_pixels=10_000)
+
+    assert decoded.mode == "RGB"
+    assert all(abs(a - b) <= 2 for a, b in zip(decoded.getpixel((4, 4)), expected, strict=True)), (
+        decoded.getpixel((4, 4))
+    )
+
+
+def test_modes_under_test_cover_the_list_in_the_issue() -> None:
+    opened = {Image.open(io.BytesIO(data)).mode for data, _ in MODE_SAMPLES.values()}
+
+    assert {"1", "L", "LA", "P", "RGBA", "CMYK", "I;16", "I", "F"} <= opened
+
+
+def test_animated_images_use_their_first_frame() -> None:
+    frames = [Image.new("RGB", (16, 16), colour) for colour in ((250, 0, 0), (0, 0, 250), (0, 250, 0))]
+    data = encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
+
+    assert decode_image(data, max_pixels=10_000).getpixel((8, 8))[0] > 200
+
+
+def test_a_small_png_that_declares_100_megapixels_is_refused_without_decoding() -> None:
+    data = encode(Image.new("1", (10_000, 10_000)), "PNG", optimize=True)
+    assert len(data) < 20_000
+
+    with pytest.raises(ImageTooLarge, match="10000x10000"):
+        decode_image(data, max_pixels=40_000_000)
+
+
+def test_truncated_images_stay_errors_globally() -> None:
+    from PIL import ImageFile
+
+    import chalicelib.imaging  # noqa: F401 - importing must not change Pillow's global
+
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is False
