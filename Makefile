@@ -8,9 +8,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_MODEL := build/demo-model.tar.gz
+PACKAGE := build/package/deployment.zip
+LAYER := build/layer/pytorch-layer.zip
+APP_SOURCES := app.py $(wildcard chalicelib/*.py) requirements.txt $(wildcard .chalice/*.json)
 PORT ?= 8000
 
-.PHONY: serve test model lint format clean
+.PHONY: serve test model package layer lambda-sim lint format clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,12 +26,29 @@ $(DEMO_MODEL): tools/build_demo_model.py $(STAMP)
 
 model: $(DEMO_MODEL)
 
+# `chalice package` fetches Lambda (manylinux) wheels from PyPI, so it runs
+# here, outside the isolated network the tests use.
+$(PACKAGE): $(STAMP) $(APP_SOURCES)
+	rm -rf build/package .chalice/deployments
+	AWS_DEFAULT_REGION=us-east-1 $(BIN)/chalice package --stage prod \
+		--merge-template .chalice/merge-template.json build/package
+
+package: $(PACKAGE)
+
+$(LAYER): tools/build_layer.py $(STAMP) | $(PACKAGE)
+	$(BIN)/python tools/build_layer.py --output $@ --function-zip $(PACKAGE)
+
+layer: $(LAYER)
+
+lambda-sim: $(PACKAGE) $(LAYER) $(DEMO_MODEL)
+	tools/isolated_network.sh $(BIN)/python tools/lambda_sim.py
+
 serve: $(STAMP) $(DEMO_MODEL)
 	$(BIN)/chalice local --no-autoreload --stage dev --host 127.0.0.1 --port $(PORT)
 
 # The suite runs in a network namespace with only loopback: it sends hostile
 # URLs on purpose, and there not one packet can leave the machine.
-test: $(STAMP) $(DEMO_MODEL) lint
+test: $(STAMP) $(DEMO_MODEL) $(PACKAGE) $(LAYER) lint
 	tools/isolated_network.sh $(BIN)/python -m pytest
 
 lint: $(STAMP)
@@ -40,4 +60,4 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix .
 
 clean:
-	rm -rf $(VENV) build .pytest_cache .ruff_cache
+	rm -rf $(VENV) build .pytest_cache .ruff_cache .chalice/deployments

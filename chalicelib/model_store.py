@@ -98,9 +98,15 @@ class ModelStore:
         self._cache_dir.mkdir(parents=True, exist_ok=True)
         if isinstance(location, S3Archive):
             archive, digest, version = self._download(location)
+            try:
+                folder = self._extract(archive, digest)
+            finally:
+                # /tmp is small and shared with the PyTorch layer: keep only
+                # the extracted files, never a second copy of the archive.
+                archive.unlink(missing_ok=True)
         else:
             archive, digest, version = self._local(location)
-        folder = self._extract(archive, digest)
+            folder = self._extract(archive, digest)
         return _read_model_files(folder, source=str(location), version=version)
 
     def _local(self, location: LocalArchive) -> tuple[Path, str, str]:

@@ -13,15 +13,18 @@ from __future__ import annotations
 import os
 import threading
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import boto3
 from botocore.config import Config
 
-from chalicelib.classifier import Classifier, Prediction, load_classifier, set_thread_count
 from chalicelib.fetch import ImageFetcher
 from chalicelib.imaging import Preprocessing, decode_image, to_model_input
 from chalicelib.model_store import ModelFiles, ModelStore, S3Client
 from chalicelib.settings import Settings
+
+if TYPE_CHECKING:
+    from chalicelib.classifier import Classifier, Prediction
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,12 @@ class ClassificationService:
     def _load(self) -> LoadedModel:
         files = self._store.fetch(self._settings.model)
         preprocessing = Preprocessing.from_manifest(files.manifest)
+        # torch is imported here, on the first load, not when app.py is
+        # imported: on Lambda the PyTorch layer must first be unpacked to /tmp
+        # (torch_layer), and /ping and bad requests never pay for torch.
+        from chalicelib import torch_layer  # noqa: F401, PLC0415
+        from chalicelib.classifier import load_classifier, set_thread_count  # noqa: PLC0415
+
         set_thread_count(self._settings.torch_num_threads)
         classifier = load_classifier(files.model_path, files.classes, preprocessing.crop)
         return LoadedModel(classifier=classifier, preprocessing=preprocessing, files=files)

@@ -1,0 +1,248 @@
+"""Run the packaged function the way Lambda runs it, with nothing from this venv.
+
+Nothing here can reach AWS, so this is the proof that the deployment
+artefacts are complete:
+
+1. ``chalice package`` output (``deployment.zip``) is unzipped as /var/task
+   would be, and the layer zips as /opt would be;
+2. a fresh ``python -I -S`` starts with only those folders and a folder of
+   boto3/botocore (which Lambda's runtime provides) on ``sys.path``, with HOME
+   and TMPDIR pointing at empty folders;
+3. it imports the handler named in ``sam.json`` and invokes it with API
+   Gateway proxy events (the shape of the fast.ai tutorial's ``event.json``)
+   for ``POST /invocations``, against moto S3 and an image on loopback.
+
+Anything the handler needs that the package or the layer lacks makes the
+import or the request fail, and the simulation with it. It prints one JSON
+line: the responses, the cold start (process start to first response), the
+warm latencies and the peak RSS.
+
+Run it through ``tools/isolated_network.sh`` (``make lambda-sim`` does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.server
+import io
+import json
+import logging
+import resource
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import boto3
+from moto.server import ThreadedMotoServer
+from PIL import Image
+from skimage import data as photos
+
+# Runs inside the simulated sandbox: only the standard library is importable
+# until sys.path is set from argv.
+BOOTSTRAP = r"""
+import json, sys, time
+config = json.loads(sys.argv[1])
+sys.path[:0] = config["path"]
+module_name, _, attribute = config["handler"].rpartition(".")
+handler = getattr(__import__(module_name), attribute)
+
+class Context:
+    function_name = "chalice-classifier-sim"
+    memory_limit_in_mb = 2048
+    invoked_function_arn = "arn:aws:lambda:us-east-1:123456789012:function:chalice-classifier-sim"
+    def __init__(self, request_id):
+        self.aws_request_id = request_id
+    def get_remaining_time_in_millis(self):
+        return 29000
+
+for number, event in enumerate(config["events"]):
+    started = time.monotonic()
+    response = handler(event, Context(f"sim-{number}"))
+    print(json.dumps({"response": response, "seconds": time.monotonic() - started}), flush=True)
+"""
+
+RUNTIME_PACKAGES = ("boto3", "botocore", "s3transfer", "jmespath", "dateutil", "six.py", "urllib3")
+
+
+def proxy_event(body: str) -> dict[str, object]:
+    """An API Gateway REST proxy event for POST /invocations."""
+    headers = {"Content-Type": "application/json", "Host": "sim.execute-api.us-east-1.amazonaws.com"}
+    return {
+        "resource": "/invocations",
+        "path": "/invocations",
+        "httpMethod": "POST",
+        "headers": headers,
+        "multiValueHeaders": {key: [value] for key, value in headers.items()},
+        "queryStringParameters": None,
+        "multiValueQueryStringParameters": None,
+        "pathParameters": None,
+        "stageVariables": None,
+        "requestContext": {
+            "resourcePath": "/invocations",
+            "httpMethod": "POST",
+            "path": "/api/invocations",
+            "stage": "api",
+            "requestId": "sim-request",
+            "identity": {"sourceIp": "127.0.0.1"},
+        },
+        "body": body,
+        "isBase64Encoded": False,
+    }
+
+
+def unzip(archive: Path, destination: Path) -> None:
+    """Unzip keeping the executable bits, as Lambda does (zipfile alone drops them)."""
+    with zipfile.ZipFile(archive) as bundle:
+        for info in bundle.infolist():
+            path = Path(bundle.extract(info, destination))
+            mode = info.external_attr >> 16
+            if mode:
+                path.chmod(mode & 0o777)
+
+
+def lambda_runtime_dir(root: Path) -> Path:
+    """boto3 and its dependencies, which the Lambda Python runtime provides."""
+    runtime = root / "runtime"
+    runtime.mkdir()
+    site = Path(boto3.__file__).resolve().parent.parent
+    for name in RUNTIME_PACKAGES:
+        source = site / name
+        (runtime / name).symlink_to(source, target_is_directory=source.is_dir())
+    return runtime
+
+
+@contextmanager
+def image_host(image: bytes) -> Iterator[str]:
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "image/jpeg")
+            self.send_header("Content-Length", str(len(image)))
+            self.end_headers()
+            self.wfile.write(image)
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/cat.jpg"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@contextmanager
+def s3_with_model(model_archive: Path) -> Iterator[str]:
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        s3 = boto3.client(
+            "s3", endpoint_url=endpoint, region_name="us-east-1",
+            aws_access_key_id="sim", aws_secret_access_key="sim",
+        )  # fmt: skip
+        s3.create_bucket(Bucket="sim-models")
+        s3.put_object(Bucket="sim-models", Key="model.tar.gz", Body=model_archive.read_bytes())
+        yield endpoint
+    finally:
+        server.stop()
+
+
+def photo_jpeg() -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(photos.coffee()).save(buffer, "JPEG", quality=92)
+    return buffer.getvalue()
+
+
+def simulate(
+    package_dir: Path, layers: list[Path], model_archive: Path, warm_requests: int
+) -> dict[str, object]:
+    template = json.loads((package_dir / "sam.json").read_text())
+    function = next(
+        r["Properties"] for r in template["Resources"].values() if r["Type"] == "AWS::Serverless::Function"
+    )
+    with tempfile.TemporaryDirectory(prefix="lambda-sim-") as scratch:
+        root = Path(scratch)
+        task, opt, home, tmp = (root / name for name in ("var-task", "opt", "home", "tmp"))
+        for folder in (task, opt, home, tmp):
+            folder.mkdir()
+        unzip(package_dir / "deployment.zip", task)
+        for layer in layers:
+            unzip(layer, opt)
+        runtime = lambda_runtime_dir(root)
+        with s3_with_model(model_archive) as endpoint, image_host(photo_jpeg()) as image_url:
+            environment = {
+                **function.get("Environment", {}).get("Variables", {}),
+                "PATH": "/usr/bin:/bin",
+                "HOME": str(home),
+                "TMPDIR": str(tmp),
+                "LAMBDA_TASK_ROOT": str(task),
+                "AWS_LAMBDA_FUNCTION_NAME": "chalice-classifier-sim",
+                "AWS_REGION": "us-east-1",
+                "AWS_DEFAULT_REGION": "us-east-1",
+                "AWS_ACCESS_KEY_ID": "sim",
+                "AWS_SECRET_ACCESS_KEY": "sim",
+                "AWS_EC2_METADATA_DISABLED": "true",
+                "AWS_ENDPOINT_URL_S3": endpoint,
+                "MODEL_BUCKET": "sim-models",
+                "MODEL_KEY": "model.tar.gz",
+                "PYTORCH_LAYER_DIR": str(opt / "pytorch"),
+                # The image is served from loopback, which production refuses.
+                "ALLOW_PRIVATE_URLS": "true",
+                "ALLOWED_PORTS": "*",
+            }
+            config = {
+                "path": [str(task), str(opt / "python"), str(runtime)],
+                "handler": function["Handler"],
+                "events": [proxy_event(json.dumps({"url": image_url}))] * (1 + warm_requests),
+            }
+            started = time.monotonic()
+            child = subprocess.Popen(
+                [sys.executable, "-I", "-S", "-c", BOOTSTRAP, json.dumps(config)],
+                cwd=task, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            )  # fmt: skip
+            assert child.stdout is not None
+            first = child.stdout.readline()
+            cold_start = time.monotonic() - started
+            rest = child.stdout.read()
+            stderr = child.stderr.read() if child.stderr else ""
+            child.wait(timeout=120)
+            peak_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+        unpacked = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
+    if child.returncode != 0 or not first:
+        raise SystemExit(f"the simulated function failed (exit {child.returncode}):\n{stderr[-4000:]}")
+    results = [json.loads(line) for line in [first, *rest.splitlines()]]
+    warm = sorted(r["seconds"] for r in results[1:])
+    return {
+        "responses": [r["response"] for r in results],
+        "cold_start_seconds": round(cold_start, 3),
+        "warm_p50_seconds": round(warm[len(warm) // 2], 4) if warm else None,
+        "peak_rss_mib": round(peak_rss / 2**20),
+        "tmp_used_mib": round(unpacked / 2**20),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--package", type=Path, default=Path("build/package"))
+    parser.add_argument("--layer", type=Path, action="append", default=None)
+    parser.add_argument("--model", type=Path, default=Path("build/demo-model.tar.gz"))
+    parser.add_argument("--warm-requests", type=int, default=10)
+    args = parser.parse_args()
+    layers = args.layer or [Path("build/layer/pytorch-layer.zip")]
+    print(json.dumps(simulate(args.package, layers, args.model, args.warm_requests)))
+
+
+if __name__ == "__main__":
+    main()
