@@ -22,7 +22,7 @@ $(STAMP): requirements.txt requirements-dev.txt
 	touch $@
 
 $(DEMO_MODEL): tools/build_demo_model.py $(STAMP)
-	$(BIN)/python tools/build_demo_model.py --output $@
+	$(BIN)/python -m tools.build_demo_model --output $@
 
 model: $(DEMO_MODEL)
 
@@ -36,12 +36,12 @@ $(PACKAGE): $(STAMP) $(APP_SOURCES)
 package: $(PACKAGE)
 
 $(LAYER): tools/build_layer.py $(STAMP) | $(PACKAGE)
-	$(BIN)/python tools/build_layer.py --output $@ --function-zip $(PACKAGE)
+	$(BIN)/python -m tools.build_layer --output $@ --function-zip $(PACKAGE)
 
 layer: $(LAYER)
 
 lambda-sim: $(PACKAGE) $(LAYER) $(DEMO_MODEL)
-	tools/isolated_network.sh $(BIN)/python tools/lambda_sim.py
+	tools/isolated_network.sh $(BIN)/python -m tools.lambda_sim
 
 serve: $(STAMP) $(DEMO_MODEL)
 	$(BIN)/chalice local --no-autoreload --stage dev --host 127.0.0.1 --port $(PORT)

@@ -303,14 +303,14 @@ def _read_model_files(folder: Path, *, source: str, version: str) -> ModelFiles:
     manifest_path = next((p for p in files if p.name == MANIFEST_FILENAME), None)
     return ModelFiles(
         model_path=model_path,
-        classes=_parse_classes(classes_path.read_bytes()),
+        classes=parse_classes(classes_path.read_bytes()),
         manifest=_parse_manifest(manifest_path.read_bytes()) if manifest_path else {},
         source=source,
         version=version,
     )
 
 
-def _parse_classes(raw: bytes) -> tuple[str, ...]:
+def parse_classes(raw: bytes) -> tuple[str, ...]:
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as error:

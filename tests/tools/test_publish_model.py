@@ -1,0 +1,119 @@
+"""Publishing a model: validated, packed, uploaded to moto S3, then served by the service."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from chalicelib.service import get_service
+from tests.conftest import MODEL_BUCKET
+from tests.support.archives import COLOUR_CLASSES, MeanColour, traced_colour_model
+from tests.support.http_server import RoutedHTTPServer, serve_bytes
+from tests.support.s3 import MotoS3Server
+from tools.publish_model import main as publish
+
+
+@pytest.fixture
+def classes_file(tmp_path: Path) -> Path:
+    path = tmp_path / "classes.txt"
+    path.write_text("\n".join(COLOUR_CLASSES) + "\n")
+    return path
+
+
+@pytest.fixture
+def blue_image_url(image_server: RoutedHTTPServer) -> str:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (300, 200), (10, 20, 230)).save(buffer, "PNG")
+    image_server.routes["/publish/blue.png"] = serve_bytes(buffer.getvalue(), "image/png")
+    return image_server.url("/publish/blue.png")
+
+
+def serve_from(monkeypatch: pytest.MonkeyPatch, key: str) -> None:
+    monkeypatch.setenv("MODEL_BUCKET", MODEL_BUCKET)
+    monkeypatch.setenv("MODEL_KEY", key)
+
+
+@pytest.mark.usefixtures("cache_dir")
+def test_a_torchscript_file_round_trips_through_s3_and_the_service(
+    s3_server: MotoS3Server,
+    s3: object,
+    tmp_path: Path,
+    classes_file: Path,
+    blue_image_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    model = tmp_path / "resnet50_jit.pth"
+    model.write_bytes(traced_colour_model())
+    key = "published/torchscript/model.tar.gz"
+
+    publish(
+        [
+            "--torchscript", str(model), "--classes", str(classes_file), "--output", str(tmp_path / "m.tar.gz"),
+            "--s3", f"s3://{MODEL_BUCKET}/{key}", "--endpoint-url", s3_server.endpoint,
+        ]
+    )  # fmt: skip
+    printed = capsys.readouterr().out
+    serve_from(monkeypatch, key)
+
+    assert f'"MODEL_BUCKET": "{MODEL_BUCKET}"' in printed
+    assert f'"MODEL_KEY": "{key}"' in printed
+    assert get_service().classify_url(blue_image_url).label == "blue"
+    assert get_service().model().files.manifest["preprocessing"]["crop"] == 224
+
+
+@pytest.mark.usefixtures("cache_dir")
+@pytest.mark.parametrize("mode", ["script", "trace"])
+def test_a_module_and_checkpoint_are_scripted_or_traced(
+    s3_server: MotoS3Server,
+    s3: object,
+    tmp_path: Path,
+    classes_file: Path,
+    blue_image_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    mode: str,
+) -> None:
+    checkpoint = tmp_path / "weights.pth"
+    torch.save(MeanColour().state_dict(), checkpoint)
+    key = f"published/{mode}/model.tar.gz"
+    factory = f"{MeanColour.__module__}:{MeanColour.__name__}"
+
+    publish(
+        [
+            "--module", factory, "--checkpoint", str(checkpoint), *(["--trace"] if mode == "trace" else []),
+            "--classes", str(classes_file), "--resize", "160", "--crop", "128",
+            "--output", str(tmp_path / "m.tar.gz"),
+            "--s3", f"s3://{MODEL_BUCKET}/{key}", "--endpoint-url", s3_server.endpoint,
+        ]
+    )  # fmt: skip
+    serve_from(monkeypatch, key)
+
+    assert get_service().classify_url(blue_image_url).label == "blue"
+
+
+def test_a_model_that_does_not_match_its_classes_is_not_published(
+    s3_server: MotoS3Server, s3: object, tmp_path: Path
+) -> None:
+    model = tmp_path / "model.pt"
+    model.write_bytes(traced_colour_model())
+    two_classes = tmp_path / "classes.txt"
+    two_classes.write_text("cat\ndog\n")
+    key = "published/mismatch/model.tar.gz"
+
+    with pytest.raises(SystemExit, match=r"3 outputs but classes\.txt lists 2"):
+        publish(
+            [
+                "--torchscript", str(model), "--classes", str(two_classes), "--output", str(tmp_path / "m.tar.gz"),
+                "--s3", f"s3://{MODEL_BUCKET}/{key}", "--endpoint-url", s3_server.endpoint,
+            ]
+        )  # fmt: skip
+
+    assert not (tmp_path / "m.tar.gz").exists()
+    listed = s3.list_objects_v2(Bucket=MODEL_BUCKET, Prefix="published/mismatch/")  # type: ignore[attr-defined]
+    assert listed.get("KeyCount", 0) == 0

@@ -1,0 +1,43 @@
+"""Write a model archive in the layout the service reads, reproducibly and atomically.
+
+Shared by ``build_demo_model.py`` and ``publish_model.py``: one TorchScript
+file, ``classes.txt`` and ``manifest.json``, with fixed mtimes, modes and no file
+name in the gzip header (so no build details leak into it), written under a
+temporary name and renamed so an interrupted run never leaves half an archive.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import tarfile
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+
+def _add_member(archive: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mode = 0o644
+    info.mtime = 0
+    archive.addfile(info, io.BytesIO(data))
+
+
+def write_archive(
+    path: Path, model_filename: str, model_bytes: bytes, classes: Sequence[str], manifest: Mapping[str, Any]
+) -> None:
+    classes_text = "".join(f"{name}\n" for name in classes).encode()
+    manifest_text = (json.dumps(manifest, indent=2) + "\n").encode()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with (
+        tempfile.NamedTemporaryFile(dir=path.parent, suffix=".partial", delete=False) as tmp,
+        gzip.GzipFile(filename="", fileobj=tmp, mode="wb", mtime=0) as gz,
+        tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as archive,
+    ):
+        _add_member(archive, model_filename, model_bytes)
+        _add_member(archive, "classes.txt", classes_text)
+        _add_member(archive, "manifest.json", manifest_text)
+    Path(tmp.name).replace(path)

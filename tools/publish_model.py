@@ -1,0 +1,125 @@
+"""Validate a model, pack it as ``model.tar.gz`` and upload it to S3.
+
+Takes either a TorchScript file (what the fast.ai tutorial exports), or an
+``nn.Module`` factory plus a state-dict checkpoint, which it scripts (default)
+or traces on an example input. Before anything is uploaded it loads the
+result the way the service does (``chalicelib.classifier.load_classifier``):
+it must load on the CPU, run on a dummy input of the manifest's crop size,
+and have exactly one output per line of ``classes.txt``.
+
+Example::
+
+    python -m tools.publish_model --torchscript resnet50_jit.pth --classes classes.txt \\
+        --resize 256 --crop 224 --s3 s3://my-bucket/models/model.tar.gz
+
+It prints the ``MODEL_BUCKET``/``MODEL_KEY`` lines for ``.chalice/config.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import io
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import boto3
+import torch
+
+from chalicelib.classifier import load_classifier
+from chalicelib.errors import ModelUnavailable
+from chalicelib.imaging import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, Preprocessing
+from chalicelib.model_store import parse_classes
+from tools.model_archive import write_archive
+
+
+def torchscript_from_module(factory: str, checkpoint: Path | None, crop: int, trace: bool) -> bytes:
+    """Build ``package.module:callable``, load its weights, script or trace it."""
+    module_name, _, attribute = factory.partition(":")
+    model = getattr(importlib.import_module(module_name), attribute)()
+    if checkpoint is not None:
+        model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
+    model.eval()
+    example = torch.zeros(1, 3, crop, crop)
+    with torch.no_grad():
+        scripted = torch.jit.trace(model, example) if trace else torch.jit.script(model)
+    buffer = io.BytesIO()
+    torch.jit.save(scripted, buffer)
+    return buffer.getvalue()
+
+
+def validate(
+    model_bytes: bytes, model_filename: str, classes: Sequence[str], preprocessing: Preprocessing
+) -> None:
+    """Load and run the model exactly as the service will; raise with the reason if it cannot."""
+    with tempfile.TemporaryDirectory() as scratch:
+        path = Path(scratch) / model_filename
+        path.write_bytes(model_bytes)
+        load_classifier(path, tuple(classes), preprocessing.crop)
+
+
+def upload(archive: Path, destination: str, endpoint_url: str | None) -> tuple[str, str]:
+    parts = urlsplit(destination)
+    if parts.scheme != "s3" or not parts.netloc or not parts.path.strip("/"):
+        raise SystemExit(f"--s3 must look like s3://bucket/key/model.tar.gz, got {destination!r}")
+    bucket, key = parts.netloc, parts.path.lstrip("/")
+    boto3.client("s3", endpoint_url=endpoint_url).upload_file(str(archive), bucket, key)
+    return bucket, key
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--torchscript", type=Path, help="a TorchScript file (*.pt or *.pth)")
+    source.add_argument("--module", help="package.module:callable that returns the nn.Module")
+    parser.add_argument("--checkpoint", type=Path, help="state dict for --module")
+    parser.add_argument("--trace", action="store_true", help="trace --module instead of scripting it")
+    parser.add_argument("--classes", type=Path, required=True, help="classes.txt, one name per line")
+    parser.add_argument("--resize", type=int, default=256)
+    parser.add_argument("--crop", type=int, default=224)
+    parser.add_argument("--interpolation", choices=sorted(INTERPOLATIONS), default="bilinear")
+    parser.add_argument("--mean", type=float, nargs=3, default=IMAGENET_MEAN)
+    parser.add_argument("--std", type=float, nargs=3, default=IMAGENET_STD)
+    parser.add_argument("--name", default="model")
+    parser.add_argument("--version", default="1")
+    parser.add_argument("--output", type=Path, default=Path("build/model.tar.gz"))
+    parser.add_argument("--s3", help="s3://bucket/key to upload to; without it, only --output is written")
+    parser.add_argument("--endpoint-url", help="an S3-compatible endpoint (MinIO, moto, ...)")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    preprocessing_section: dict[str, Any] = {
+        "resize": args.resize,
+        "crop": args.crop,
+        "interpolation": args.interpolation,
+        "mean": list(args.mean),
+        "std": list(args.std),
+    }
+    manifest = {"name": args.name, "version": args.version, "preprocessing": preprocessing_section}
+    try:
+        preprocessing = Preprocessing.from_manifest(manifest)
+        classes = parse_classes(args.classes.read_bytes())
+        if args.torchscript is not None:
+            model_filename, model_bytes = args.torchscript.name, args.torchscript.read_bytes()
+        else:
+            model_filename = f"{args.name}.pt"
+            model_bytes = torchscript_from_module(args.module, args.checkpoint, args.crop, args.trace)
+        validate(model_bytes, model_filename, classes, preprocessing)
+    except ModelUnavailable as error:
+        raise SystemExit(f"not published: {error}") from error
+    write_archive(args.output, model_filename, model_bytes, classes, manifest)
+    print(f"wrote {args.output} ({args.output.stat().st_size:,} bytes, {len(classes)} classes)")
+    if args.s3:
+        bucket, key = upload(args.output, args.s3, args.endpoint_url)
+        print(f"uploaded to s3://{bucket}/{key}\n\nSet these for the stage in .chalice/config.json:")
+        print(f'  "MODEL_BUCKET": "{bucket}",\n  "MODEL_KEY": "{key}"')
+
+
+if __name__ == "__main__":
+    sys.exit(main())
