@@ -55,7 +55,8 @@ def test_a_torchscript_file_round_trips_through_s3_and_the_service(
 
     publish(
         [
-            "--torchscript", str(model), "--classes", str(classes_file), "--output", str(tmp_path / "m.tar.gz"),
+            "--torchscript", str(model), "--classes", str(classes_file),
+            "--output", str(tmp_path / "m.tar.gz"),
             "--s3", f"s3://{MODEL_BUCKET}/{key}", "--endpoint-url", s3_server.endpoint,
         ]
     )  # fmt: skip
@@ -109,7 +110,8 @@ def test_a_model_that_does_not_match_its_classes_is_not_published(
     with pytest.raises(SystemExit, match=r"3 outputs but classes\.txt lists 2"):
         publish(
             [
-                "--torchscript", str(model), "--classes", str(two_classes), "--output", str(tmp_path / "m.tar.gz"),
+                "--torchscript", str(model), "--classes", str(two_classes),
+                "--output", str(tmp_path / "m.tar.gz"),
                 "--s3", f"s3://{MODEL_BUCKET}/{key}", "--endpoint-url", s3_server.endpoint,
             ]
         )  # fmt: skip
