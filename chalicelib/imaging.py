@@ -31,6 +31,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # (PSD, EPS via Ghostscript, ICNS, ...) is attack surface we do not need.
 ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")
 
+REDUCING_GAP = 3.0
+DRAFT_MARGIN = 2
+
 INTERPOLATIONS: Mapping[str, Image.Resampling] = {
     "nearest": Image.Resampling.NEAREST,
     "bilinear": Image.Resampling.BILINEAR,
@@ -83,8 +86,16 @@ class Preprocessing:
         )
 
 
-def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
-    """Decode to an upright RGB image, refusing oversized images before decoding them."""
+def decode_image(data: bytes, *, max_pixels: int, min_short_side: int | None = None) -> Image.Image:
+    """Decode to an upright RGB image, refusing oversized images before decoding them.
+
+    With ``min_short_side`` (the resize target), a JPEG much larger than
+    needed is decoded at 1/2, 1/4 or 1/8 scale straight from its DCT
+    coefficients (Pillow's ``draft``), keeping the short side at least
+    ``DRAFT_MARGIN`` times the target. A 12-megapixel photo then decodes about
+    5x faster in a sixteenth of the memory; with a margin of 2 the top-1 class
+    of the test photos never changed and no probability moved by 0.02 (bench/).
+    """
     with _open(data) as image:
         width, height = image.size
         if width * height > max_pixels:
@@ -93,6 +104,9 @@ def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
                 f"{max_pixels:,} (MAX_IMAGE_PIXELS)."
             )
         try:
+            if min_short_side is not None and image.format == "JPEG":
+                keep = DRAFT_MARGIN * min_short_side
+                image.draft("RGB", (keep, keep))
             return _to_rgb(ImageOps.exif_transpose(image))
         except Image.DecompressionBombError as error:
             raise ImageTooLarge(f"The image is too large to decode safely: {error}") from error
@@ -174,7 +188,9 @@ def _resize_short_side(image: Image.Image, size: int, resample: Image.Resampling
     new_size = (new_short, new_long) if width <= height else (new_long, new_short)
     if new_size == image.size:
         return image
-    return image.resize(new_size, resample)
+    # reducing_gap: shrink by an integer factor first (cheap box reduce) when the
+    # image is over 3x the target; below that it resizes exactly as torchvision.
+    return image.resize(new_size, resample, reducing_gap=REDUCING_GAP)
 
 
 def _center_crop(image: Image.Image, size: int) -> Image.Image:

@@ -7,9 +7,10 @@ sandbox reuses the extraction and two different archives never mix.
 
 Every write is atomic (temporary name, then ``os.replace``), so a download or
 extraction that dies half way is never mistaken for a good one. The archive is
-checked in full before anything is extracted: its length against S3's
-Content-Length, its gzip CRC, and every member's name and type (no absolute paths, no ``..``, no
-links); extraction itself also runs through tarfile's ``data`` filter.
+checked in full before its extraction is published: its length against S3's
+Content-Length, its gzip CRC, and every member's name and type (no absolute
+paths, no ``..``, no links); extraction itself also runs through tarfile's
+``data`` filter.
 
 This module knows nothing of torch: it hands back paths and plain values.
 """
@@ -146,7 +147,6 @@ class ModelStore:
         """Extract once per distinct archive; a finished folder is never rewritten."""
         target = self._cache_dir / "models" / digest
         if not target.is_dir():
-            _verify_gzip(archive)
             target.parent.mkdir(parents=True, exist_ok=True)
             staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".staging-"))
             try:
@@ -212,71 +212,71 @@ def _sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _verify_gzip(archive: Path) -> None:
-    """Read the whole gzip stream so its CRC and length trailer are checked.
-
-    tarfile stops at the end-of-archive marker and never reads the trailer, so
-    a corrupted body could otherwise slip through as plausible bytes.
-    """
-    try:
-        with gzip.open(archive) as stream:
-            while stream.read(CHUNK_SIZE):
-                pass
-    except (OSError, EOFError, zlib.error) as error:
+def _check_member(member: tarfile.TarInfo, destination: Path) -> None:
+    """Refuse the whole archive if a member could escape or is not a plain file."""
+    if not (member.isfile() or member.isdir()):
         raise ModelUnavailable(
-            f"The model archive is corrupt: it is not a complete gzip file ({error})."
+            f"The model archive is refused: member {member.name!r} is a link or special "
+            "file; only regular files and folders are allowed."
+        )
+    name = PurePosixPath(member.name)
+    if name.is_absolute() or ".." in name.parts:
+        raise ModelUnavailable(
+            f"The model archive is refused: member {member.name!r} has an absolute path or "
+            "'..'; members must be relative paths inside the archive."
+        )
+    try:
+        tarfile.data_filter(member, str(destination))
+    except tarfile.FilterError as error:
+        raise ModelUnavailable(
+            f"The model archive is refused: member {member.name!r} would be written "
+            f"outside the model folder ({type(error).__name__})."
         ) from error
 
 
-def _checked_members(archive: tarfile.TarFile, destination: Path) -> list[tarfile.TarInfo]:
-    """Refuse the whole archive if any member could escape or is not a plain file."""
-    members = archive.getmembers()
-    for member in members:
-        if not (member.isfile() or member.isdir()):
-            raise ModelUnavailable(
-                f"The model archive is refused: member {member.name!r} is a link or special "
-                "file; only regular files and folders are allowed."
-            )
-        name = PurePosixPath(member.name)
-        if name.is_absolute() or ".." in name.parts:
-            raise ModelUnavailable(
-                f"The model archive is refused: member {member.name!r} has an absolute path or "
-                "'..'; members must be relative paths inside the archive."
-            )
-        try:
-            tarfile.data_filter(member, str(destination))
-        except tarfile.FilterError as error:
-            raise ModelUnavailable(
-                f"The model archive is refused: member {member.name!r} would be written "
-                f"outside the model folder ({type(error).__name__})."
-            ) from error
-    return members
-
-
 def _safe_extract(archive_path: Path, destination: Path) -> None:
+    """One streaming pass: check every member, extract the wanted ones, verify the gzip CRC.
+
+    Reading through ``gzip`` to the very end makes it check the CRC and length
+    trailer, which tarfile alone never reads; a corrupt body is refused even
+    when its tar headers look fine. The caller publishes ``destination`` only
+    if this returns.
+    """
+    extracted: list[tarfile.TarInfo] = []
     try:
-        with tarfile.open(archive_path, mode="r:gz") as archive:
-            members = _checked_members(archive, destination)
-            wanted = _select_members(members)
-            archive.extractall(destination, members=wanted, filter="data")
-    except (tarfile.TarError, EOFError, zlib.error) as error:
+        with gzip.open(archive_path) as stream, tarfile.open(fileobj=stream, mode="r|") as archive:
+            for member in archive:
+                _check_member(member, destination)
+                if member.isfile() and _is_wanted(member):
+                    archive.extract(member, destination, filter="data")
+                    extracted.append(member)
+            while stream.read(CHUNK_SIZE):
+                pass
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as error:
         raise ModelUnavailable(f"The model archive is corrupt: {error}.") from error
+    _check_contents(extracted)
 
 
-def _select_members(members: list[tarfile.TarInfo]) -> list[tarfile.TarInfo]:
-    """Pick the model, classes and manifest, ignoring macOS ``._`` resource forks."""
-    files = [m for m in members if m.isfile() and not PurePosixPath(m.name).name.startswith("._")]
-    models = [m for m in files if m.name.endswith(MODEL_SUFFIXES)]
+def _is_wanted(member: tarfile.TarInfo) -> bool:
+    name = PurePosixPath(member.name).name
+    return not name.startswith("._") and (
+        name.endswith(MODEL_SUFFIXES) or name in (CLASSES_FILENAME, MANIFEST_FILENAME)
+    )
+
+
+def _check_contents(extracted: list[tarfile.TarInfo]) -> None:
+    """Exactly one model file, exactly one classes.txt, at most one manifest.json."""
+    models = [m for m in extracted if m.name.endswith(MODEL_SUFFIXES)]
     if len(models) != 1:
         found = ", ".join(m.name for m in models) or "none"
         raise ModelUnavailable(
             f"The model archive must hold exactly one TorchScript file (*.pt or *.pth); found {found}."
         )
-    chosen = models + _named(files, CLASSES_FILENAME, required=True)
-    return chosen + _named(files, MANIFEST_FILENAME, required=False)
+    _named(extracted, CLASSES_FILENAME, required=True)
+    _named(extracted, MANIFEST_FILENAME, required=False)
 
 
-def _named(files: list[tarfile.TarInfo], filename: str, *, required: bool) -> list[tarfile.TarInfo]:
+def _named(files: list[tarfile.TarInfo], filename: str, *, required: bool) -> None:
     matches = [m for m in files if PurePosixPath(m.name).name == filename]
     if len(matches) > 1 or (required and not matches):
         found = ", ".join(m.name for m in matches) or "none"
@@ -284,7 +284,6 @@ def _named(files: list[tarfile.TarInfo], filename: str, *, required: bool) -> li
             f"The model archive must hold {'exactly' if required else 'at most'} one "
             f"{filename}; found {found}."
         )
-    return matches
 
 
 def _publish_directory(staging: Path, target: Path) -> None:

@@ -10,9 +10,12 @@ cached: the next request tries again, so a model published late still comes up.
 
 from __future__ import annotations
 
+import importlib
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from types import ModuleType
 from typing import TYPE_CHECKING
 
 import boto3
@@ -55,21 +58,35 @@ class ClassificationService:
 
     def classify_url(self, url: str) -> Prediction:
         model = self.model()
-        image = decode_image(self._fetcher.fetch(url), max_pixels=self._settings.max_image_pixels)
+        image = decode_image(
+            self._fetcher.fetch(url),
+            max_pixels=self._settings.max_image_pixels,
+            min_short_side=model.preprocessing.resize,
+        )
         return model.classifier.predict(to_model_input(image, model.preprocessing))
 
     def _load(self) -> LoadedModel:
-        files = self._store.fetch(self._settings.model)
-        preprocessing = Preprocessing.from_manifest(files.manifest)
-        # torch is imported here, on the first load, not when app.py is
-        # imported: on Lambda the PyTorch layer must first be unpacked to /tmp
-        # (torch_layer), and /ping and bad requests never pay for torch.
-        from chalicelib import torch_layer  # noqa: F401, PLC0415
-        from chalicelib.classifier import load_classifier, set_thread_count  # noqa: PLC0415
-
-        set_thread_count(self._settings.torch_num_threads)
-        classifier = load_classifier(files.model_path, files.classes, preprocessing.crop)
+        # import torch (about 1.5 s here, plus unpacking on Lambda) runs in a
+        # thread while this one downloads and extracts the archive, so a cold
+        # start pays for the slower of the two rather than both.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="import-torch") as pool:
+            torch_ready = pool.submit(_import_classifier)
+            files = self._store.fetch(self._settings.model)
+            preprocessing = Preprocessing.from_manifest(files.manifest)
+            classifier_module = torch_ready.result()
+        classifier_module.set_thread_count(self._settings.torch_num_threads)
+        classifier = classifier_module.load_classifier(files.model_path, files.classes, preprocessing.crop)
         return LoadedModel(classifier=classifier, preprocessing=preprocessing, files=files)
+
+
+def _import_classifier() -> ModuleType:
+    """Import torch on first use, never with app.py.
+
+    On Lambda the PyTorch layer must first be unpacked to /tmp (torch_layer
+    does it on import), and /ping or a bad request never pays for torch.
+    """
+    importlib.import_module("chalicelib.torch_layer")
+    return importlib.import_module("chalicelib.classifier")
 
 
 def _s3_client() -> S3Client:

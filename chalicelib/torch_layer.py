@@ -29,15 +29,13 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+from chalicelib.errors import TorchUnavailable
+
 LAYER_DIR = Path(os.environ.get("PYTORCH_LAYER_DIR", "/opt/pytorch"))
 MANIFEST = "manifest.json"
 COMPLETE_MARKER = ".complete"
 # Room left on /tmp after unpacking, for the model archive and its extraction.
 HEADROOM_BYTES = 64 * 1024 * 1024
-
-
-class LayerUnpackError(RuntimeError):
-    pass
 
 
 def unpack(layer_dir: Path, temp_dir: Path) -> Path | None:
@@ -65,7 +63,7 @@ def unpack(layer_dir: Path, temp_dir: Path) -> Path | None:
 def _check_free_space(temp_dir: Path, needed: int) -> None:
     free = shutil.disk_usage(temp_dir).free
     if free < needed + HEADROOM_BYTES:
-        raise LayerUnpackError(
+        raise TorchUnavailable(
             f"PyTorch needs {needed / 2**20:.0f} MiB plus {HEADROOM_BYTES / 2**20:.0f} MiB of headroom "
             f"in {temp_dir}, but only {free / 2**20:.0f} MiB are free; raise the function's "
             "ephemeral storage."

@@ -28,6 +28,10 @@ from tests.support.http_server import RoutedHTTPServer
 ABSOLUTE_MEMBER = "/tmp/chalice-classifier-test-absolute-member.txt"
 
 
+def _with_bad_crc(archive: bytes) -> bytes:
+    return archive[:-8] + bytes(b ^ 0xFF for b in archive[-8:-4]) + archive[-4:]
+
+
 def _classes() -> bytes:
     return "\n".join(COLOUR_CLASSES).encode()
 
@@ -35,6 +39,8 @@ def _classes() -> bytes:
 BAD_ARCHIVES = {
     "random-bytes": (b"\x00garbage" * 100, "corrupt"),
     "truncated": (fastai_archive()[:-200], "corrupt"),
+    # Tar headers and data intact, gzip CRC trailer wrong: only reading to the end catches it.
+    "bad-gzip-crc": (_with_bad_crc(fastai_archive()), "corrupt"),
     "no-classes": (tar_gz({"model.pt": traced_colour_model()}), "classes.txt"),
     "no-model": (tar_gz({"classes.txt": _classes()}), "found none"),
     "two-models": (
