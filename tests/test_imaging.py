@@ -74,12 +74,13 @@ def test_every_interpolation_matches_torchvision(interpolation: str) -> None:
     assert torch.allclose(ours, torchvision_reference(image, preprocessing), atol=1e-5, rtol=0)
 
 
-def test_output_is_contiguous_float32_chw() -> None:
+def test_output_is_a_float32_chw_view_of_channels_last_memory() -> None:
     array = to_model_input(photo("coffee"), Preprocessing())
+    batch = torch.from_numpy(array).unsqueeze(0)
 
     assert array.dtype == np.float32
-    assert array.flags["C_CONTIGUOUS"]
     assert array.shape == (3, 224, 224)
+    assert batch.is_contiguous(memory_format=torch.channels_last)
 
 
 def encode(image: Image.Image, fmt: str, **options: object) -> bytes:
