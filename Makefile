@@ -13,7 +13,7 @@ LAYER := build/layer/pytorch-layer.zip
 APP_SOURCES := app.py $(wildcard chalicelib/*.py) requirements.txt $(wildcard .chalice/*.json)
 PORT ?= 8000
 
-.PHONY: serve test model package layer lambda-sim lint format clean
+.PHONY: serve test model package layer lambda-sim bench lint format clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -42,6 +42,9 @@ layer: $(LAYER)
 
 lambda-sim: $(PACKAGE) $(LAYER) $(DEMO_MODEL)
 	tools/isolated_network.sh $(BIN)/python -m tools.lambda_sim
+
+bench: $(STAMP) $(DEMO_MODEL)
+	tools/isolated_network.sh $(BIN)/python -m bench.run $(BENCH_ARGS)
 
 serve: $(STAMP) $(DEMO_MODEL)
 	$(BIN)/chalice local --no-autoreload --stage dev --host 127.0.0.1 --port $(PORT)

@@ -1,0 +1,475 @@
+"""``make bench``: the service measured the way its users pay for it, in one run.
+
+Shared machines are noisy, so the results are ratios between things measured
+in the same process, each the median of ``ROUNDS`` rounds; absolute times are
+context. Everything talks to loopback only (moto S3, a local image host), and
+``make bench`` runs it inside tools/isolated_network.sh.
+
+Measured, per image size where it applies:
+
+- forward: the loaded (frozen) model on a ready tensor, the floor for the model;
+- parts: decode + preprocess alone;
+- end to end: ``POST /invocations`` through the Chalice handler (the Lambda
+  entry point), image from the loopback host, model from moto S3, warm;
+- naive: the tutorial's way on the same model and images: requests.get,
+  full-size decode, torchvision Resize/CenterCrop/ToTensor/Normalize, no
+  inference_mode, torch's default threads;
+- busy: one more end-to-end round while a CPU burner holds the other core;
+- cold start: a fresh process from import to first answer, against a bare
+  script that only imports torch, loads the model file and runs one forward;
+- peak RSS of a serving process, and Lambda cost per million requests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import boto3
+import requests
+import torch
+from moto.server import ThreadedMotoServer
+from PIL import Image
+from skimage import data as photos
+from torchvision import transforms
+
+from chalicelib.imaging import INTERPOLATIONS, decode_image, to_model_input
+from chalicelib.service import get_service
+from tools.lambda_sim import image_host, proxy_event
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO_MODEL = ROOT / "build" / "demo-model.tar.gz"
+RESULTS = ROOT / "bench" / "results"
+SIZES = {"640x480": (640, 480), "1920x1080": (1920, 1080), "4032x3024": (4032, 3024)}
+ACCURACY_PHOTOS = ("chelsea", "coffee", "astronaut", "rocket")
+EXPERIMENT_REPEATS = 60  # per variant: the forward pass is steady, the full run must stay short
+PRICE_PER_GB_SECOND = 0.0000166667
+PRICE_PER_MILLION_REQUESTS = 0.20
+
+
+def percentile(samples: list[float], fraction: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
+
+
+def timed(call: Callable[[], object], count: int, warm_up: int = 5) -> list[float]:
+    for _ in range(warm_up):
+        call()
+    samples = []
+    for _ in range(count):
+        started = time.perf_counter()
+        call()
+        samples.append(time.perf_counter() - started)
+    return samples
+
+
+def jpeg_of(name: str, size: tuple[int, int]) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(getattr(photos, name)()).convert("RGB").resize(size, Image.Resampling.BICUBIC).save(
+        buffer, "JPEG", quality=90
+    )
+    return buffer.getvalue()
+
+
+@contextmanager
+def loopback_s3() -> Iterator[str]:
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    s3 = boto3.client("s3", endpoint_url=endpoint)
+    s3.create_bucket(Bucket="bench")
+    s3.put_object(Bucket="bench", Key="model.tar.gz", Body=DEMO_MODEL.read_bytes())
+    try:
+        yield endpoint
+    finally:
+        server.stop()
+
+
+@contextmanager
+def image_hosts(images: dict[str, bytes]) -> Iterator[dict[str, str]]:
+    with ExitStack() as stack:
+        yield {size: stack.enter_context(image_host(data)) for size, data in images.items()}
+
+
+@contextmanager
+def cpu_burner() -> Iterator[None]:
+    """Keep one core busy (bounded to two minutes, and stopped when done)."""
+    burner = subprocess.Popen(
+        [sys.executable, "-c", "import time\nend = time.time() + 120\nwhile time.time() < end: pass"]
+    )
+    try:
+        yield
+    finally:
+        burner.kill()
+        burner.wait()
+
+
+class Lambda:
+    """The Chalice app called as Lambda calls it: ``app(event, context)``."""
+
+    class Context:
+        aws_request_id = "bench"
+        function_name = "bench"
+        memory_limit_in_mb = 1769
+
+        def get_remaining_time_in_millis(self) -> int:
+            return 29_000
+
+    def __init__(self) -> None:
+        from app import app  # noqa: PLC0415 - after the environment is set, as Lambda would
+
+        self._app = app
+
+    def classify(self, url: str) -> dict[str, Any]:
+        response = self._app(proxy_event(json.dumps({"url": url})), self.Context())
+        if response["statusCode"] != 200:
+            raise RuntimeError(f"bench request failed: {response}")
+        return json.loads(response["body"])
+
+
+class Naive:
+    """The fast.ai tutorial's handler, on the same model and preprocessing values."""
+
+    def __init__(self, model_path: Path, classes: tuple[str, ...], preprocessing: Any) -> None:
+        self._model = torch.jit.load(str(model_path), map_location="cpu").eval()
+        self._classes = classes
+        interpolation = transforms.InterpolationMode(preprocessing.interpolation)
+        self._transform = transforms.Compose(
+            [
+                transforms.Resize(preprocessing.resize, interpolation=interpolation),
+                transforms.CenterCrop(preprocessing.crop),
+                transforms.ToTensor(),
+                transforms.Normalize(preprocessing.mean, preprocessing.std),
+            ]
+        )
+
+    def probabilities(self, data: bytes) -> torch.Tensor:
+        image = Image.open(io.BytesIO(data)).convert("RGB")
+        return torch.softmax(self._model(self._transform(image).unsqueeze(0)), dim=1)[0]
+
+    def classify(self, url: str) -> tuple[str, float]:
+        probabilities = self.probabilities(requests.get(url, timeout=30).content)
+        confidence, index = probabilities.max(dim=0)
+        return self._classes[int(index)], float(confidence)
+
+
+COLD_SCRIPT = """
+import json, resource, sys
+from app import app
+
+class Context:
+    aws_request_id = function_name = "cold"
+    memory_limit_in_mb = 1769
+    def get_remaining_time_in_millis(self):
+        return 29000
+
+first, large = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+print(app(first, Context())["statusCode"], flush=True)
+for _ in range(20):
+    app(large, Context())
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, flush=True)
+"""
+
+FLOOR_SCRIPT = """
+import sys, torch
+torch.set_num_threads(1)
+model = torch.jit.load(sys.argv[1], map_location="cpu").eval()
+with torch.inference_mode():
+    model(torch.zeros(1, 3, 224, 224))
+"""
+
+
+def cold_start(urls: dict[str, str], rounds: int) -> dict[str, float]:
+    """Fresh processes, median of ``rounds``: ours from start to first answer, and the floor."""
+    events = [json.dumps(proxy_event(json.dumps({"url": urls[size]}))) for size in ("640x480", "4032x3024")]
+    ours, floor, rss = [], [], []
+    with tempfile.TemporaryDirectory() as scratch:
+        with tarfile.open(DEMO_MODEL) as archive:
+            archive.extractall(scratch, filter="data")
+        model_file = next(Path(scratch).glob("*.pt"))
+        for _ in range(rounds):
+            with tempfile.TemporaryDirectory() as cache:
+                started = time.monotonic()
+                child = subprocess.Popen(
+                    [sys.executable, "-c", COLD_SCRIPT, *events],
+                    cwd=ROOT, env={**os.environ, "MODEL_CACHE_DIR": cache}, stdout=subprocess.PIPE, text=True,
+                )  # fmt: skip
+                assert child.stdout is not None
+                status = child.stdout.readline().strip()
+                ours.append(time.monotonic() - started)
+                rss.append(int(child.stdout.readline()) * 1024)
+                child.wait(timeout=300)
+                if status != "200":
+                    raise RuntimeError(f"cold start request answered {status}")
+            started = time.monotonic()
+            subprocess.run(
+                [sys.executable, "-c", FLOOR_SCRIPT, str(model_file)], check=True, capture_output=True
+            )
+            floor.append(time.monotonic() - started)
+    return {
+        "cold_start_s": statistics.median(ours),
+        "floor_s": statistics.median(floor),
+        "peak_rss_mib": max(rss) / 2**20,
+    }
+
+
+def run(rounds: int, requests_per_size: int, naive_per_size: int) -> dict[str, Any]:
+    images = {size: jpeg_of("chelsea", dimensions) for size, dimensions in SIZES.items()}
+    with loopback_s3() as endpoint, image_hosts(images) as urls:
+        os.environ.update(
+            {
+                "AWS_ENDPOINT_URL_S3": endpoint,
+                "MODEL_BUCKET": "bench",
+                "MODEL_KEY": "model.tar.gz",
+                "ALLOW_PRIVATE_URLS": "true",
+                "ALLOWED_PORTS": "*",
+                "MODEL_CACHE_DIR": tempfile.mkdtemp(prefix="bench-cache-"),
+            }
+        )
+        handler = Lambda()
+        handler.classify(urls["640x480"])
+        loaded = get_service().model()
+        preprocessing, module = loaded.preprocessing, loaded.classifier
+        default_threads = os.cpu_count() or 1
+        naive = Naive(loaded.files.model_path, loaded.files.classes, preprocessing)
+        ready = torch.from_numpy(
+            to_model_input(decode_image(images["640x480"], max_pixels=10**9), preprocessing)
+        )
+
+        per_round: list[dict[str, float]] = []
+        latencies: dict[str, list[float]] = {size: [] for size in SIZES}
+        for _ in range(rounds):
+            result: dict[str, float] = {}
+            torch.set_num_threads(1)
+            result["forward"] = statistics.median(
+                timed(lambda: module.predict(ready.numpy()), requests_per_size)
+            )
+            for size, data in images.items():
+                result[f"parts {size}"] = statistics.median(
+                    timed(
+                        lambda data=data: to_model_input(
+                            decode_image(data, max_pixels=10**9, min_short_side=preprocessing.resize),
+                            preprocessing,
+                        ),
+                        requests_per_size,
+                    )
+                )
+                samples = timed(lambda size=size: handler.classify(urls[size]), requests_per_size)
+                latencies[size] += samples
+                result[f"e2e {size}"] = statistics.median(samples)
+            torch.set_num_threads(default_threads)
+            for size in SIZES:
+                result[f"naive {size}"] = statistics.median(
+                    timed(lambda size=size: naive.classify(urls[size]), naive_per_size, warm_up=2)
+                )
+            torch.set_num_threads(1)
+            per_round.append(result)
+
+        with cpu_burner():
+            busy = timed(lambda: handler.classify(urls["640x480"]), requests_per_size)
+        experiments = forward_experiments(loaded.files.model_path, ready, EXPERIMENT_REPEATS)
+        accuracy = accuracy_check(naive, handler, preprocessing)
+        cold = cold_start(urls, rounds)
+    return summarize(
+        per_round=per_round,
+        latencies=latencies,
+        busy=busy,
+        experiments=experiments,
+        accuracy=accuracy,
+        cold=cold,
+    )
+
+
+def forward_experiments(model_path: Path, ready: torch.Tensor, count: int) -> dict[str, float]:
+    """What each inference choice is worth, forward only, p50 in seconds."""
+    plain = torch.jit.load(str(model_path), map_location="cpu").eval()
+    frozen = torch.jit.freeze(plain)
+    contiguous = ready.unsqueeze(0).contiguous()
+    channels_last = contiguous.contiguous(memory_format=torch.channels_last)
+    results = {}
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        with torch.inference_mode():
+            results[f"plain, {threads} thread"] = statistics.median(timed(lambda: plain(contiguous), count))
+            results[f"frozen, {threads} thread"] = statistics.median(timed(lambda: frozen(contiguous), count))
+            results[f"frozen channels-last, {threads} thread"] = statistics.median(
+                timed(lambda: frozen(channels_last), count)
+            )
+        with torch.no_grad():
+            results[f"plain no_grad, {threads} thread"] = statistics.median(
+                timed(lambda: plain(contiguous), count)
+            )
+        with cpu_burner(), torch.inference_mode():
+            samples = timed(lambda: frozen(channels_last), count)
+            results[f"frozen channels-last, {threads} thread, other core busy, p99"] = percentile(
+                samples, 0.99
+            )
+    torch.set_num_threads(1)
+    return results
+
+
+def accuracy_check(naive: Naive, handler: Lambda, preprocessing: Any) -> dict[str, Any]:
+    """Our draft-decoded 12 MP path against a full decode through torchvision."""
+    worst, same_top1 = 0.0, True
+    classes = naive._classes
+    for name in ACCURACY_PHOTOS:
+        data = jpeg_of(name, SIZES["4032x3024"])
+        with torch.inference_mode():
+            reference = naive.probabilities(data)
+        ours_input = to_model_input(
+            decode_image(data, max_pixels=10**9, min_short_side=preprocessing.resize), preprocessing
+        )
+        with torch.inference_mode():
+            ours = torch.softmax(get_service().model().classifier._module(
+                torch.from_numpy(ours_input).unsqueeze(0)), dim=1)[0]  # fmt: skip
+        worst = max(worst, float((reference - ours).abs().max()))
+        same_top1 &= classes[int(reference.argmax())] == classes[int(ours.argmax())]
+    assert preprocessing.interpolation in INTERPOLATIONS
+    return {"photos": list(ACCURACY_PHOTOS), "top1_unchanged": same_top1, "max_probability_change": worst}
+
+
+def summarize(
+    *,
+    per_round: list[dict[str, float]],
+    latencies: dict[str, list[float]],
+    busy: list[float],
+    experiments: dict[str, float],
+    accuracy: dict[str, Any],
+    cold: dict[str, float],
+) -> dict[str, Any]:
+    def median_of(key: str) -> float:
+        return statistics.median(r[key] for r in per_round)
+
+    def ratio_of(numerator: str, denominator: Callable[[dict[str, float]], float]) -> float:
+        return statistics.median(r[numerator] / denominator(r) for r in per_round)
+
+    config = json.loads((ROOT / ".chalice" / "config.json").read_text())
+    memory_mb = config["stages"]["prod"]["lambda_memory_size"]
+    sizes = {}
+    for size in SIZES:
+        p50 = median_of(f"e2e {size}")
+        sizes[size] = {
+            "e2e_p50_ms": p50 * 1000,
+            "e2e_p90_ms": percentile(latencies[size], 0.90) * 1000,
+            "e2e_p99_ms": percentile(latencies[size], 0.99) * 1000,
+            "parts_p50_ms": (median_of(f"parts {size}") + median_of("forward")) * 1000,
+            "naive_p50_ms": median_of(f"naive {size}") * 1000,
+            "e2e_over_parts": ratio_of(f"e2e {size}", lambda r, s=size: r[f"parts {s}"] + r["forward"]),
+            "e2e_over_naive": ratio_of(f"e2e {size}", lambda r, s=size: r[f"naive {s}"]),
+            "cost_per_million_usd": memory_mb / 1024 * p50 * PRICE_PER_GB_SECOND * 1e6,
+        }
+    busy_p50, busy_p99 = percentile(busy, 0.5), percentile(busy, 0.99)
+    return {
+        "when": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+        f"torch {torch.__version__}",
+        "rounds": len(per_round),
+        "forward_p50_ms": median_of("forward") * 1000,
+        "sizes": sizes,
+        "busy_other_core": {
+            "p50_ms": busy_p50 * 1000,
+            "p99_ms": busy_p99 * 1000,
+            "p99_over_p50": busy_p99 / busy_p50,
+        },
+        "cold_start": {**cold, "over_floor": cold["cold_start_s"] / cold["floor_s"]},
+        "lambda_memory_mb": memory_mb,
+        "accuracy_at_4032x3024": accuracy,
+        "forward_experiments_ms": {k: v * 1000 for k, v in experiments.items()},
+    }
+
+
+def targets(result: dict[str, Any]) -> list[tuple[str, float, float, bool]]:
+    sizes = result["sizes"]
+    rows = [
+        ("e2e / (decode+preprocess+forward), 640x480", sizes["640x480"]["e2e_over_parts"], 1.35),
+        ("e2e / (decode+preprocess+forward), 4032x3024", sizes["4032x3024"]["e2e_over_parts"], 1.35),
+        ("e2e / naive, 4032x3024", sizes["4032x3024"]["e2e_over_naive"], 0.6),
+        ("e2e / naive, 640x480", sizes["640x480"]["e2e_over_naive"], 0.85),
+        ("cold start / bare floor", result["cold_start"]["over_floor"], 1.3),
+        ("p99 / p50, other core busy", result["busy_other_core"]["p99_over_p50"], 3.0),
+        (
+            "max probability change, draft decode",
+            result["accuracy_at_4032x3024"]["max_probability_change"],
+            0.02,
+        ),
+    ]
+    return [(name, value, limit, value <= limit) for name, value, limit in rows]
+
+
+def print_table(result: dict[str, Any]) -> None:
+    rounds, forward = result["rounds"], result["forward_p50_ms"]
+    print(f"\n{result['machine']}; median of {rounds} rounds; forward p50 {forward:.1f} ms")
+    print(f"\n{'size':10} {'e2e p50':>8} {'p90':>7} {'p99':>7} {'parts':>7} {'naive':>7} {'$/1M':>6}  (ms)")
+    for size, row in result["sizes"].items():
+        print(
+            f"{size:10} {row['e2e_p50_ms']:8.1f} {row['e2e_p90_ms']:7.1f} {row['e2e_p99_ms']:7.1f} "
+            f"{row['parts_p50_ms']:7.1f} {row['naive_p50_ms']:7.1f} {row['cost_per_million_usd']:6.2f}"
+        )
+    cold = result["cold_start"]
+    print(
+        f"\ncold start {cold['cold_start_s']:.2f} s, bare floor {cold['floor_s']:.2f} s; "
+        f"peak RSS {cold['peak_rss_mib']:.0f} MiB; Lambda {result['lambda_memory_mb']} MB "
+        f"(+ ${PRICE_PER_MILLION_REQUESTS:.2f}/1M requests)"
+    )
+    accuracy = result["accuracy_at_4032x3024"]
+    print(f"draft decode at 4032x3024: top-1 unchanged {accuracy['top1_unchanged']} on {accuracy['photos']}")
+    print(f"\n{'target':48} {'value':>7} {'limit':>6}")
+    for name, value, limit, met in targets(result):
+        print(f"{name:48} {value:7.3f} {limit:6.2f}  {'met' if met else 'MISSED'}")
+    print("\nforward experiments (p50 ms unless marked):")
+    for name, value in result["forward_experiments_ms"].items():
+        print(f"  {name:60} {value:7.1f}")
+
+
+# moto needs credentials of some kind; these keep boto3 from looking further
+# (no config files, no instance metadata).
+FAKE_AWS = {
+    "AWS_ACCESS_KEY_ID": "bench",
+    "AWS_SECRET_ACCESS_KEY": "bench",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",
+    "AWS_CONFIG_FILE": os.devnull,
+    "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+}
+
+
+def main() -> None:
+    os.environ.update(FAKE_AWS)
+    # The naive baseline trips torch's own warnings; they are its nature, not news.
+    warnings.filterwarnings("ignore")
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--requests", type=int, default=200, help="end-to-end requests per size per round")
+    parser.add_argument("--naive-requests", type=int, default=30, help="naive requests per size per round")
+    parser.add_argument("--reference", action="store_true", help="write bench/results/reference.json")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    result = run(args.rounds, args.requests, args.naive_requests)
+    result["targets"] = [{"name": n, "value": v, "limit": lim, "met": m} for n, v, lim, m in targets(result)]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    name = "reference.json" if args.reference else f"run-{result['when'].replace(':', '')}.json"
+    (RESULTS / name).write_text(json.dumps(result, indent=2) + "\n")
+    print_table(result)
+    print(f"\nwrote bench/results/{name}")
+
+
+if __name__ == "__main__":
+    main()
