@@ -9,20 +9,67 @@ from __future__ import annotations
 
 from chalice import Chalice
 
-from chalicelib.payload import parse_invocation
-from chalicelib.service import get_service
+from chalicelib.payload import IMAGE_TYPES, JSON_TYPE, parse_invocation
+from chalicelib.service import LoadedModel, Outcome, get_service
 
 app = Chalice(app_name="chalice-classifier")
+app.api.binary_types.extend(t for t in IMAGE_TYPES if t not in app.api.binary_types)
 
 
-@app.route("/invocations", methods=["POST"], content_types=["application/json"])
+@app.route("/invocations", methods=["POST"], content_types=[JSON_TYPE, *IMAGE_TYPES])
 def invocations() -> dict[str, object]:
-    request = parse_invocation(app.current_request.raw_body)
-    prediction = get_service().classify_url(request.url)
-    return {"class": prediction.label, "confidence": prediction.confidence}
+    request = app.current_request
+    service = get_service()
+    invocation = parse_invocation(
+        request.raw_body, request.headers.get("content-type", ""), request.query_params, service.body_limits
+    )
+    outcomes = service.classify(invocation)
+    if not invocation.batch:
+        return _prediction(outcomes[0], with_top_k=invocation.top_k is not None)
+    return {"predictions": [_prediction(o, with_top_k=invocation.top_k is not None) for o in outcomes]}
 
 
 @app.route("/ping", methods=["GET"])
 def ping() -> dict[str, object]:
-    """SageMaker-style health check: cheap, and 503 when the configuration is wrong."""
-    return {"status": "ok", "model_loaded": get_service().model_loaded}
+    """SageMaker-style health check: cheap; ``?deep=1`` loads the model if it has to."""
+    service = get_service()
+    if (app.current_request.query_params or {}).get("deep") in ("1", "true"):
+        service.model()
+    return {"status": "ok", "model_loaded": service.model_loaded}
+
+
+@app.route("/model", methods=["GET"])
+def model() -> dict[str, object]:
+    return _model_info(get_service().model())
+
+
+def _prediction(outcome: Outcome, *, with_top_k: bool) -> dict[str, object]:
+    if outcome.error is not None:
+        error = outcome.error
+        return {"error": {"Code": type(error).__name__, "Message": str(error)}, "status": error.STATUS_CODE}
+    assert outcome.predictions is not None
+    best = outcome.predictions[0]
+    shaped: dict[str, object] = {"class": best.label, "confidence": best.confidence}
+    if with_top_k:
+        shaped["top_k"] = [{"class": p.label, "confidence": p.confidence} for p in outcome.predictions]
+    return shaped
+
+
+def _model_info(loaded: LoadedModel) -> dict[str, object]:
+    preprocessing = loaded.preprocessing
+    return {
+        "name": loaded.files.manifest.get("name"),
+        "source": loaded.files.source,
+        "version": loaded.files.version,
+        "classes": len(loaded.classifier.classes),
+        "input": {"channels": 3, "height": preprocessing.crop, "width": preprocessing.crop},
+        "preprocessing": {
+            "resize": preprocessing.resize,
+            "crop": preprocessing.crop,
+            "interpolation": preprocessing.interpolation,
+            "mean": list(preprocessing.mean),
+            "std": list(preprocessing.std),
+        },
+        "backend": "torchscript",
+        "loaded_at": loaded.loaded_at.isoformat(timespec="seconds"),
+    }

@@ -1,4 +1,4 @@
-"""The loaded TorchScript model: input array -> probabilities -> (class, confidence).
+"""The loaded TorchScript model: input arrays -> probabilities -> top-k (class, confidence).
 
 Preprocess, inference and postprocess stay separate small steps, as in
 TorchServe's image classifier. Loading checks the model against its class
@@ -11,6 +11,7 @@ warms the model up before the first real request. The model is frozen
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,13 +32,26 @@ class Classifier:
         self._module = module
         self.classes = classes
 
-    def predict(self, model_input: np.ndarray) -> Prediction:
-        """Classify one CHW float32 array (any strides; channels-last memory is fastest)."""
-        batch = torch.from_numpy(model_input).unsqueeze(0)
+    def predict(self, inputs: Sequence[np.ndarray], top_k: int = 1) -> list[list[Prediction]]:
+        """Classify CHW float32 arrays in one forward pass; the ``top_k`` best for each, best first.
+
+        The arrays are CHW views of channels-last memory (see imaging), so the
+        batch is stacked as NHWC and handed to the model as a channels-last
+        NCHW view: one copy for a batch, none for a single image.
+        """
+        channels_last = [array.transpose(1, 2, 0) for array in inputs]
+        nhwc = channels_last[0][None] if len(channels_last) == 1 else np.stack(channels_last)
+        batch = torch.from_numpy(nhwc).permute(0, 3, 1, 2)
         with torch.inference_mode():
-            probabilities = torch.softmax(self._module(batch), dim=1)[0]
-            confidence, index = probabilities.max(dim=0)
-        return Prediction(label=self.classes[int(index)], confidence=float(confidence))
+            probabilities = torch.softmax(self._module(batch), dim=1)
+            confidences, indices = probabilities.topk(top_k, dim=1)
+        return [
+            [
+                Prediction(label=self.classes[int(i)], confidence=float(c))
+                for c, i in zip(row_c, row_i, strict=True)
+            ]
+            for row_c, row_i in zip(confidences, indices, strict=True)
+        ]
 
 
 def set_thread_count(threads: int) -> None:

@@ -78,8 +78,9 @@ class ImageFetcher:
         self._policy = policy
         self._resolve = resolve
 
-    def fetch(self, url: str) -> bytes:
-        deadline = time.monotonic() + self._limits.deadline
+    def fetch(self, url: str, deadline: float | None = None) -> bytes:
+        """The body at ``url``; ``deadline`` (monotonic) lets a batch share one budget."""
+        deadline = deadline if deadline is not None else time.monotonic() + self._limits.deadline
         adapter = PinnedAddressAdapter()
         with requests.Session() as session:
             # No proxy, netrc or CA bundle comes from the environment.

@@ -1,26 +1,102 @@
 """Request bodies, parsed into plain values with messages a caller can act on.
 
-Chalice's own ``json_body`` answers malformed JSON with a bare
-"Error Parsing JSON"; parsing the raw body here lets the message say where
-the JSON broke and what shape was expected.
+``POST /invocations`` accepts:
+
+- JSON ``{"url": ...}`` or ``{"image": "<base64>"}`` for one image;
+- JSON ``{"urls": [...]}`` or ``{"images": [...]}`` for a batch of up to ``MAX_BATCH``;
+- a raw image body (``image/jpeg``, ``image/png``, ``image/webp``,
+  ``image/gif`` or ``application/octet-stream``);
+
+and ``top_k`` as a query parameter or a JSON field. Chalice's own
+``json_body`` answers malformed JSON with a bare "Error Parsing JSON";
+parsing the raw body here lets the message say where the JSON broke and what
+shape was expected. Sizes are checked before anything is decoded.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
-from chalicelib.errors import InvalidRequest
+from chalicelib.errors import ImageTooLarge, InvalidRequest
 
 EXAMPLE = '{"url": "https://example.com/cat.jpg"}'
+JSON_TYPE = "application/json"
+IMAGE_TYPES = ("image/jpeg", "image/png", "image/webp", "image/gif", "application/octet-stream")
+# Lambda refuses synchronous payloads over 6 MB (API Gateway's own cap is 10 MB),
+# and a base64 or binary body grows by a third on the way in.
+DEFAULT_MAX_BODY_BYTES = 6 * 1024 * 1024
+DEFAULT_MAX_BATCH = 8
 
 
 @dataclass(frozen=True)
-class InvocationRequest:
-    url: str
+class ImageInput:
+    """One image to classify: a URL to fetch, or the bytes themselves."""
+
+    url: str | None = None
+    data: bytes | None = None
+
+    @property
+    def kind(self) -> str:
+        return "url" if self.url is not None else "bytes"
 
 
-def parse_invocation(raw_body: bytes) -> InvocationRequest:
+@dataclass(frozen=True)
+class Invocation:
+    inputs: tuple[ImageInput, ...]
+    batch: bool
+    top_k: int | None
+
+
+@dataclass(frozen=True)
+class BodyLimits:
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    max_image_bytes: int = 10 * 1024 * 1024
+    max_batch: int = DEFAULT_MAX_BATCH
+
+
+def parse_invocation(
+    raw_body: bytes, content_type: str, query: Mapping[str, str] | None, limits: BodyLimits
+) -> Invocation:
+    if len(raw_body) > limits.max_body_bytes:
+        raise ImageTooLarge(
+            f"The request body is {len(raw_body):,} bytes; the limit is {limits.max_body_bytes:,}. "
+            "Send a URL instead of the image itself."
+        )
+    query_top_k = _top_k((query or {}).get("top_k"), source="query parameter")
+    media_type = content_type.split(";", 1)[0].strip().lower()
+    if media_type != JSON_TYPE:
+        if not raw_body:
+            raise InvalidRequest(f"The {media_type} request body is empty; send the image bytes.")
+        return Invocation(inputs=(_checked_bytes(raw_body, limits),), batch=False, top_k=query_top_k)
+    body = _json_object(raw_body)
+    top_k = query_top_k if query_top_k is not None else _top_k(body.get("top_k"), source="field")
+    sources = [key for key in ("url", "image", "urls", "images") if key in body]
+    if len(sources) != 1:
+        found = f"got {', '.join(repr(s) for s in sources)}" if sources else "got none"
+        raise InvalidRequest(
+            f"The request body needs exactly one of 'url', 'image', 'urls' or 'images' ({found}); "
+            f"expected {EXAMPLE}."
+        )
+    key = sources[0]
+    if key in ("url", "image"):
+        return Invocation(inputs=(_one_input(key, body[key], limits),), batch=False, top_k=top_k)
+    items = body[key]
+    if not isinstance(items, list) or not 1 <= len(items) <= limits.max_batch:
+        raise InvalidRequest(
+            f"'{key}' must be an array of 1 to {limits.max_batch} items (MAX_BATCH), got {_describe(items)}."
+        )
+    single = key[:-1]
+    return Invocation(
+        inputs=tuple(_one_input(single, item, limits) for item in items), batch=True, top_k=top_k
+    )
+
+
+def _json_object(raw_body: bytes) -> dict[str, Any]:
     try:
         body = json.loads(raw_body)
     except UnicodeDecodeError as error:
@@ -32,16 +108,47 @@ def parse_invocation(raw_body: bytes) -> InvocationRequest:
         ) from error
     if not isinstance(body, dict):
         raise InvalidRequest(
-            f"The request body must be a JSON object, got {_json_type(body)}; expected {EXAMPLE}."
+            f"The request body must be a JSON object, got {_describe(body)}; expected {EXAMPLE}."
         )
-    if "url" not in body:
-        raise InvalidRequest(f"The request body has no 'url' field; expected {EXAMPLE}.")
-    url = body["url"]
-    if not isinstance(url, str):
-        raise InvalidRequest(f"The 'url' field must be a string, got {_json_type(url)}; expected {EXAMPLE}.")
-    return InvocationRequest(url=url.strip())
+    return body
 
 
-def _json_type(value: object) -> str:
+def _one_input(field: str, value: Any, limits: BodyLimits) -> ImageInput:
+    if not isinstance(value, str):
+        raise InvalidRequest(f"Each '{field}' must be a string, got {_describe(value)}; expected {EXAMPLE}.")
+    if field == "url":
+        return ImageInput(url=value.strip())
+    try:
+        data = base64.b64decode(value.split(",", 1)[1] if value.startswith("data:") else value, validate=True)
+    except (binascii.Error, ValueError) as error:
+        raise InvalidRequest(f"'image' must be base64-encoded image bytes ({error}).") from error
+    if not data:
+        raise InvalidRequest("'image' is empty; send the base64-encoded image bytes.")
+    return _checked_bytes(data, limits)
+
+
+def _checked_bytes(data: bytes, limits: BodyLimits) -> ImageInput:
+    if len(data) > limits.max_image_bytes:
+        raise ImageTooLarge(
+            f"The image is {len(data):,} bytes; the limit is {limits.max_image_bytes:,} (MAX_IMAGE_BYTES)."
+        )
+    return ImageInput(data=data)
+
+
+def _top_k(value: Any, *, source: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidRequest(f"The top_k {source} must be a positive integer, got {_describe(value)}.")
+    return value
+
+
+def _describe(value: object) -> str:
     names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
-    return names.get(type(value), "a number")
+    if isinstance(value, list):
+        return f"an array of {len(value)}"
+    if isinstance(value, str):
+        return f"the string {value[:40]!r}"
+    return names.get(type(value), f"the number {value!r}")

@@ -13,17 +13,22 @@ from __future__ import annotations
 import importlib
 import os
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from types import ModuleType
 from typing import TYPE_CHECKING
 
 import boto3
+import numpy as np
 from botocore.config import Config
 
+from chalicelib.errors import ClassifierError, InvalidRequest
 from chalicelib.fetch import ImageFetcher
 from chalicelib.imaging import Preprocessing, decode_image, to_model_input
 from chalicelib.model_store import ModelFiles, ModelStore, S3Client
+from chalicelib.payload import BodyLimits, ImageInput, Invocation
 from chalicelib.settings import Settings
 
 if TYPE_CHECKING:
@@ -35,6 +40,15 @@ class LoadedModel:
     classifier: Classifier
     preprocessing: Preprocessing
     files: ModelFiles
+    loaded_at: datetime
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What became of one input: its predictions, or the error that stopped it."""
+
+    predictions: list[Prediction] | None = None
+    error: ClassifierError | None = None
 
 
 class ClassificationService:
@@ -56,14 +70,58 @@ class ClassificationService:
                     self._model = self._load()
         return self._model
 
-    def classify_url(self, url: str) -> Prediction:
+    @property
+    def body_limits(self) -> BodyLimits:
+        return self._settings.body
+
+    def classify(self, invocation: Invocation) -> list[Outcome]:
+        """Top-k predictions per input, in input order.
+
+        A single input's error is raised, so it becomes the response. In a
+        batch each input fails on its own and its error takes its place;
+        the inputs are fetched and decoded concurrently within one shared
+        deadline, then classified in one forward pass.
+        """
         model = self.model()
+        top_k = invocation.top_k or 1
+        if top_k > len(model.classifier.classes):
+            raise InvalidRequest(
+                f"top_k must be between 1 and {len(model.classifier.classes)} (the number of classes), "
+                f"got {top_k}."
+            )
+        deadline = time.monotonic() + self._settings.fetch.deadline
+        if not invocation.batch:
+            prepared: list[np.ndarray | ClassifierError] = [
+                self._prepare(invocation.inputs[0], model, deadline)
+            ]
+        else:
+            with ThreadPoolExecutor(max_workers=len(invocation.inputs), thread_name_prefix="prepare") as pool:
+                prepared = list(
+                    pool.map(lambda item: self._prepare_or_error(item, model, deadline), invocation.inputs)
+                )
+        arrays = [item for item in prepared if isinstance(item, np.ndarray)]
+        predictions = iter(model.classifier.predict(arrays, top_k) if arrays else [])
+        return [
+            Outcome(error=item)
+            if isinstance(item, ClassifierError)
+            else Outcome(predictions=next(predictions))
+            for item in prepared
+        ]
+
+    def _prepare(self, item: ImageInput, model: LoadedModel, deadline: float) -> np.ndarray:
+        data = item.data if item.data is not None else self._fetcher.fetch(item.url or "", deadline)
         image = decode_image(
-            self._fetcher.fetch(url),
-            max_pixels=self._settings.max_image_pixels,
-            min_short_side=model.preprocessing.resize,
+            data, max_pixels=self._settings.max_image_pixels, min_short_side=model.preprocessing.resize
         )
-        return model.classifier.predict(to_model_input(image, model.preprocessing))
+        return to_model_input(image, model.preprocessing)
+
+    def _prepare_or_error(
+        self, item: ImageInput, model: LoadedModel, deadline: float
+    ) -> np.ndarray | ClassifierError:
+        try:
+            return self._prepare(item, model, deadline)
+        except ClassifierError as error:
+            return error
 
     def _load(self) -> LoadedModel:
         # import torch (about 1.5 s here, plus unpacking on Lambda) runs in a
@@ -76,7 +134,9 @@ class ClassificationService:
             classifier_module = torch_ready.result()
         classifier_module.set_thread_count(self._settings.torch_num_threads)
         classifier = classifier_module.load_classifier(files.model_path, files.classes, preprocessing.crop)
-        return LoadedModel(classifier=classifier, preprocessing=preprocessing, files=files)
+        return LoadedModel(
+            classifier=classifier, preprocessing=preprocessing, files=files, loaded_at=datetime.now(UTC)
+        )
 
 
 def _import_classifier() -> ModuleType:

@@ -21,6 +21,7 @@ from typing import TypeVar
 from chalicelib.errors import ConfigurationError
 from chalicelib.fetch import FetchLimits
 from chalicelib.model_store import ArchiveLocation, LocalArchive, S3Archive
+from chalicelib.payload import DEFAULT_MAX_BATCH, DEFAULT_MAX_BODY_BYTES, BodyLimits
 from chalicelib.url_policy import DEFAULT_PORTS, UrlPolicy
 
 Number = TypeVar("Number", int, float)
@@ -37,10 +38,12 @@ class Settings:
     fetch: FetchLimits
     max_image_pixels: int
     url_policy: UrlPolicy
+    body: BodyLimits
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str]) -> Settings:
-        limits = FetchLimits()
+        defaults = FetchLimits()
+        max_image_bytes = _positive_int(environ, "MAX_IMAGE_BYTES", defaults.max_bytes)
         return cls(
             model=_model_location(environ),
             cache_dir=Path(
@@ -48,12 +51,17 @@ class Settings:
             ),
             torch_num_threads=_positive_int(environ, "TORCH_NUM_THREADS", 1),
             fetch=FetchLimits(
-                connect_timeout=_positive_float(environ, "FETCH_CONNECT_TIMEOUT", limits.connect_timeout),
-                read_timeout=_positive_float(environ, "FETCH_READ_TIMEOUT", limits.read_timeout),
-                deadline=_positive_float(environ, "FETCH_DEADLINE", limits.deadline),
-                max_bytes=_positive_int(environ, "MAX_IMAGE_BYTES", limits.max_bytes),
+                connect_timeout=_positive_float(environ, "FETCH_CONNECT_TIMEOUT", defaults.connect_timeout),
+                read_timeout=_positive_float(environ, "FETCH_READ_TIMEOUT", defaults.read_timeout),
+                deadline=_positive_float(environ, "FETCH_DEADLINE", defaults.deadline),
+                max_bytes=max_image_bytes,
             ),
             max_image_pixels=_positive_int(environ, "MAX_IMAGE_PIXELS", DEFAULT_MAX_IMAGE_PIXELS),
+            body=BodyLimits(
+                max_body_bytes=_positive_int(environ, "MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES),
+                max_image_bytes=max_image_bytes,
+                max_batch=_positive_int(environ, "MAX_BATCH", DEFAULT_MAX_BATCH),
+            ),
             url_policy=UrlPolicy(
                 allowed_ports=_ports(environ, "ALLOWED_PORTS"),
                 allow_private=_flag(environ, "ALLOW_PRIVATE_URLS"),

@@ -10,10 +10,9 @@ from pathlib import Path
 import pytest
 from chalice.test import Client
 
-from chalicelib.service import get_service
 from chalicelib.settings import DEMO_ARCHIVE
 from tests.conftest import DEMO_KEY, MODEL_BUCKET
-from tests.support.api import JSON, classify, error_of
+from tests.support.api import JSON, classify, error_of, label_of
 from tests.support.archives import fastai_archive
 from tests.support.http_server import RoutedHTTPServer, serve_bytes
 from tests.support.s3 import MotoS3Server
@@ -113,7 +112,7 @@ def test_two_concurrent_cold_requests_download_the_archive_once(
 
     def request() -> None:
         start.wait()
-        labels.append(get_service().classify_url(image_server.url("/coffee.jpg")).label)
+        labels.append(label_of(image_server.url("/coffee.jpg")))
 
     threads = [threading.Thread(target=request) for _ in range(2)]
     for thread in threads:
@@ -130,9 +129,9 @@ def test_two_concurrent_cold_requests_download_the_archive_once(
     [
         ("{not json", "not valid JSON"),
         ("[]", "must be a JSON object"),
-        ("{}", "no 'url' field"),
-        ('{"url": 42}', "must be a string"),
-        ('{"url": null}', "must be a string"),
+        ("{}", "exactly one of 'url', 'image', 'urls' or 'images'"),
+        ('{"url": 42}', "'url' must be a string"),
+        ('{"url": null}', "'url' must be a string"),
         ('{"url": "ftp://example.com/cat.jpg"}', "http:// or https://"),
         ('{"url": "cat.jpg"}', "http:// or https://"),
         ('{"url": "http://"}', "no host name"),

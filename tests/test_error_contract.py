@@ -24,7 +24,7 @@ ROWS: dict[str, tuple[Call, int, str, str]] = {
         lambda c, s: c.http.post("/invocations", headers=JSON, body='{"link": "x"}'),
         400,
         "InvalidRequest",
-        "no 'url' field",
+        "exactly one of 'url'",
     ),
     "400 wrongly typed field": (
         lambda c, s: c.http.post("/invocations", headers=JSON, body='{"url": ["a"]}'),

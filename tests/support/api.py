@@ -19,3 +19,13 @@ def error_of(response: Any) -> tuple[int, str, str]:
     body = json.loads(response.body)
     assert set(body) == {"Code", "Message"}, body
     return response.status_code, body["Code"], body["Message"]
+
+
+def label_of(url: str) -> str:
+    """Classify straight through the service, as the routes do, for tests that need no HTTP."""
+    from chalicelib.payload import ImageInput, Invocation
+    from chalicelib.service import get_service
+
+    outcome = get_service().classify(Invocation(inputs=(ImageInput(url=url),), batch=False, top_k=None))[0]
+    assert outcome.predictions is not None
+    return outcome.predictions[0].label

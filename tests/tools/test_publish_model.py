@@ -9,6 +9,7 @@ import torch
 
 from chalicelib.service import get_service
 from tests.conftest import MODEL_BUCKET
+from tests.support.api import label_of
 from tests.support.archives import COLOUR_CLASSES, MeanColour, traced_colour_model
 from tests.support.http_server import RoutedHTTPServer, serve_bytes
 from tests.support.s3 import MotoS3Server
@@ -65,7 +66,7 @@ def test_a_torchscript_file_round_trips_through_s3_and_the_service(
 
     assert f'"MODEL_BUCKET": "{MODEL_BUCKET}"' in printed
     assert f'"MODEL_KEY": "{key}"' in printed
-    assert get_service().classify_url(blue_image_url).label == "blue"
+    assert label_of(blue_image_url) == "blue"
     assert get_service().model().files.manifest["preprocessing"]["crop"] == 224
 
 
@@ -95,7 +96,7 @@ def test_a_module_and_checkpoint_are_scripted_or_traced(
     )  # fmt: skip
     serve_from(monkeypatch, key)
 
-    assert get_service().classify_url(blue_image_url).label == "blue"
+    assert label_of(blue_image_url) == "blue"
 
 
 def test_a_model_that_does_not_match_its_classes_is_not_published(
