@@ -7,13 +7,36 @@ this module does no I/O: the model loads on the first request that needs it.
 
 from __future__ import annotations
 
-from chalice import Chalice
+from collections.abc import Callable
+
+from chalice import Chalice, Response
+from chalice.app import Request
 
 from chalicelib.payload import IMAGE_TYPES, JSON_TYPE, parse_invocation
-from chalicelib.service import LoadedModel, Outcome, get_service
+from chalicelib.service import LoadedModel, Outcome, cors_headers, get_service
 
 app = Chalice(app_name="chalice-classifier")
 app.api.binary_types.extend(t for t in IMAGE_TYPES if t not in app.api.binary_types)
+
+
+@app.middleware("http")
+def response_headers(request: Request, get_response: Callable[[Request], Response]) -> Response:
+    """CORS on every response (errors included), and the request id to quote in a bug report."""
+    response = get_response(request)
+    response.headers.update(
+        cors_headers(request.headers.get("origin"), preflight=request.method == "OPTIONS")
+    )
+    if app.lambda_context is not None:
+        response.headers["x-request-id"] = app.lambda_context.aws_request_id
+    return response
+
+
+@app.route("/invocations", methods=["OPTIONS"])
+@app.route("/model", methods=["OPTIONS"])
+@app.route("/ping", methods=["OPTIONS"])
+def preflight() -> Response:
+    """CORS preflight; the middleware adds the headers when the origin is allowed."""
+    return Response(body="", status_code=204)
 
 
 @app.route("/invocations", methods=["POST"], content_types=[JSON_TYPE, *IMAGE_TYPES])

@@ -24,7 +24,7 @@ import boto3
 import numpy as np
 from botocore.config import Config
 
-from chalicelib.errors import ClassifierError, InvalidRequest
+from chalicelib.errors import ClassifierError, ConfigurationError, InvalidRequest
 from chalicelib.fetch import ImageFetcher
 from chalicelib.imaging import Preprocessing, decode_image, to_model_input
 from chalicelib.model_store import ModelFiles, ModelStore, S3Client
@@ -177,3 +177,12 @@ _services = _ServiceCache()
 def get_service() -> ClassificationService:
     """The service for the current environment, built on first use (never at import)."""
     return _services.get(Settings.from_environ(os.environ))
+
+
+def cors_headers(origin: str | None, *, preflight: bool) -> dict[str, str]:
+    """CORS headers for any response, errors included; none while the configuration is broken."""
+    try:
+        settings = Settings.from_environ(os.environ)
+    except ConfigurationError:
+        return {}
+    return settings.cors.headers(origin, preflight=preflight)

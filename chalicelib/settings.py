@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+from chalicelib.cors import CorsPolicy
 from chalicelib.errors import ConfigurationError
 from chalicelib.fetch import FetchLimits
 from chalicelib.model_store import ArchiveLocation, LocalArchive, S3Archive
@@ -39,6 +40,7 @@ class Settings:
     max_image_pixels: int
     url_policy: UrlPolicy
     body: BodyLimits
+    cors: CorsPolicy
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str]) -> Settings:
@@ -62,6 +64,7 @@ class Settings:
                 max_image_bytes=max_image_bytes,
                 max_batch=_positive_int(environ, "MAX_BATCH", DEFAULT_MAX_BATCH),
             ),
+            cors=CorsPolicy.from_setting(environ.get("CORS_ALLOW_ORIGIN", "")),
             url_policy=UrlPolicy(
                 allowed_ports=_ports(environ, "ALLOWED_PORTS"),
                 allow_private=_flag(environ, "ALLOW_PRIVATE_URLS"),

@@ -25,6 +25,7 @@ def test_dev_stage_serves_the_demo_model_and_may_fetch_from_this_machine() -> No
     assert "MODEL_BUCKET" not in environment
     assert "MODEL_KEY" not in environment
     assert settings.url_policy.allow_private
+    assert settings.cors.any_origin
 
 
 def test_prod_stage_keeps_the_url_policy_on() -> None:
@@ -32,6 +33,7 @@ def test_prod_stage_keeps_the_url_policy_on() -> None:
 
     assert not settings.url_policy.allow_private
     assert settings.url_policy.allowed_ports == DEFAULT_PORTS
+    assert settings.cors.headers("https://anyone.example", preflight=True) == {}
 
 
 def test_prod_stage_loads_from_s3_within_api_gateway_limits() -> None:
