@@ -12,22 +12,28 @@ from collections.abc import Callable
 from chalice import Chalice, Response
 from chalice.app import Request
 
+from chalicelib import observability
 from chalicelib.payload import IMAGE_TYPES, JSON_TYPE, parse_invocation
-from chalicelib.service import LoadedModel, Outcome, cors_headers, get_service
+from chalicelib.service import LoadedModel, Outcome, cors_headers, get_service, log_level
 
 app = Chalice(app_name="chalice-classifier")
 app.api.binary_types.extend(t for t in IMAGE_TYPES if t not in app.api.binary_types)
 
 
 @app.middleware("http")
-def response_headers(request: Request, get_response: Callable[[Request], Response]) -> Response:
-    """CORS on every response (errors included), and the request id to quote in a bug report."""
+def around_every_request(request: Request, get_response: Callable[[Request], Response]) -> Response:
+    """One JSON log line and metrics per request; CORS and the request id on every response."""
+    request_id = app.lambda_context.aws_request_id if app.lambda_context is not None else "local"
+    record = observability.begin(request_id, request.path, request.method, log_level())
     response = get_response(request)
+    body = response.body if isinstance(response.body, dict) else {}
+    observability.finish(
+        record, response.status_code, body.get("Code") if response.status_code >= 400 else None
+    )
     response.headers.update(
         cors_headers(request.headers.get("origin"), preflight=request.method == "OPTIONS")
     )
-    if app.lambda_context is not None:
-        response.headers["x-request-id"] = app.lambda_context.aws_request_id
+    response.headers["x-request-id"] = request_id
     return response
 
 

@@ -15,6 +15,7 @@ import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextvars import copy_context
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import ModuleType
@@ -24,6 +25,7 @@ import boto3
 import numpy as np
 from botocore.config import Config
 
+from chalicelib import observability
 from chalicelib.errors import ClassifierError, ConfigurationError, InvalidRequest
 from chalicelib.fetch import ImageFetcher
 from chalicelib.imaging import Preprocessing, decode_image, to_model_input
@@ -89,6 +91,11 @@ class ClassificationService:
                 f"top_k must be between 1 and {len(model.classifier.classes)} (the number of classes), "
                 f"got {top_k}."
             )
+        observability.note(
+            input_kind=("batch of " if invocation.batch else "") + invocation.inputs[0].kind,
+            items=len(invocation.inputs),
+            model_version=model.files.version,
+        )
         deadline = time.monotonic() + self._settings.fetch.deadline
         if not invocation.batch:
             prepared: list[np.ndarray | ClassifierError] = [
@@ -96,11 +103,15 @@ class ClassificationService:
             ]
         else:
             with ThreadPoolExecutor(max_workers=len(invocation.inputs), thread_name_prefix="prepare") as pool:
-                prepared = list(
-                    pool.map(lambda item: self._prepare_or_error(item, model, deadline), invocation.inputs)
-                )
+                # Each worker runs in its own copy of this request's context, so its timings are logged.
+                futures = [
+                    pool.submit(copy_context().run, self._prepare_or_error, item, model, deadline)
+                    for item in invocation.inputs
+                ]
+                prepared = [future.result() for future in futures]
         arrays = [item for item in prepared if isinstance(item, np.ndarray)]
-        predictions = iter(model.classifier.predict(arrays, top_k) if arrays else [])
+        with observability.timer("inference_ms"):
+            predictions = iter(model.classifier.predict(arrays, top_k) if arrays else [])
         return [
             Outcome(error=item)
             if isinstance(item, ClassifierError)
@@ -109,11 +120,17 @@ class ClassificationService:
         ]
 
     def _prepare(self, item: ImageInput, model: LoadedModel, deadline: float) -> np.ndarray:
-        data = item.data if item.data is not None else self._fetcher.fetch(item.url or "", deadline)
-        image = decode_image(
-            data, max_pixels=self._settings.max_image_pixels, min_short_side=model.preprocessing.resize
-        )
-        return to_model_input(image, model.preprocessing)
+        if item.data is not None:
+            data = item.data
+        else:
+            with observability.timer("fetch_ms"):
+                data = self._fetcher.fetch(item.url or "", deadline)
+        observability.count("image_bytes", len(data))
+        with observability.timer("decode_ms"):
+            image = decode_image(
+                data, max_pixels=self._settings.max_image_pixels, min_short_side=model.preprocessing.resize
+            )
+            return to_model_input(image, model.preprocessing)
 
     def _prepare_or_error(
         self, item: ImageInput, model: LoadedModel, deadline: float
@@ -181,8 +198,18 @@ def get_service() -> ClassificationService:
 
 def cors_headers(origin: str | None, *, preflight: bool) -> dict[str, str]:
     """CORS headers for any response, errors included; none while the configuration is broken."""
+    settings = _settings_or_none()
+    return settings.cors.headers(origin, preflight=preflight) if settings else {}
+
+
+def log_level() -> str:
+    """LOG_LEVEL, or INFO while the configuration is broken (the request says why)."""
+    settings = _settings_or_none()
+    return settings.log_level if settings else "INFO"
+
+
+def _settings_or_none() -> Settings | None:
     try:
-        settings = Settings.from_environ(os.environ)
+        return Settings.from_environ(os.environ)
     except ConfigurationError:
-        return {}
-    return settings.cors.headers(origin, preflight=preflight)
+        return None

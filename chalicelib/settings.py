@@ -22,6 +22,7 @@ from chalicelib.cors import CorsPolicy
 from chalicelib.errors import ConfigurationError
 from chalicelib.fetch import FetchLimits
 from chalicelib.model_store import ArchiveLocation, LocalArchive, S3Archive
+from chalicelib.observability import LOG_LEVELS
 from chalicelib.payload import DEFAULT_MAX_BATCH, DEFAULT_MAX_BODY_BYTES, BodyLimits
 from chalicelib.url_policy import DEFAULT_PORTS, UrlPolicy
 
@@ -41,6 +42,7 @@ class Settings:
     url_policy: UrlPolicy
     body: BodyLimits
     cors: CorsPolicy
+    log_level: str
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str]) -> Settings:
@@ -65,6 +67,7 @@ class Settings:
                 max_batch=_positive_int(environ, "MAX_BATCH", DEFAULT_MAX_BATCH),
             ),
             cors=CorsPolicy.from_setting(environ.get("CORS_ALLOW_ORIGIN", "")),
+            log_level=_log_level(environ, "LOG_LEVEL"),
             url_policy=UrlPolicy(
                 allowed_ports=_ports(environ, "ALLOWED_PORTS"),
                 allow_private=_flag(environ, "ALLOW_PRIVATE_URLS"),
@@ -135,3 +138,12 @@ def _ports(environ: Mapping[str, str], name: str) -> frozenset[int] | None:
             f"Config '{name}' must be a comma-separated list of ports (1-65535) or *, got {raw!r}."
         )
     return ports
+
+
+def _log_level(environ: Mapping[str, str], name: str) -> str:
+    level = environ.get(name, "").strip().upper() or "INFO"
+    if level not in LOG_LEVELS:
+        raise ConfigurationError(
+            f"Config '{name}' must be one of {', '.join(LOG_LEVELS)}, got {environ[name]!r}."
+        )
+    return level
