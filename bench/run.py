@@ -181,10 +181,10 @@ class Context:
         return 29000
 
 first, large = json.loads(sys.argv[1]), json.loads(sys.argv[2])
-print(app(first, Context())["statusCode"], flush=True)
+print("BENCH", app(first, Context())["statusCode"], flush=True)
 for _ in range(20):
     app(large, Context())
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, flush=True)
+print("BENCH", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, flush=True)
 """
 
 FLOOR_SCRIPT = """
@@ -212,9 +212,13 @@ def cold_start(urls: dict[str, str], rounds: int) -> dict[str, float]:
                     cwd=ROOT, env={**os.environ, "MODEL_CACHE_DIR": cache}, stdout=subprocess.PIPE, text=True,
                 )  # fmt: skip
                 assert child.stdout is not None
-                status = child.stdout.readline().strip()
+                # The app logs JSON to stdout too; the script's own lines carry a marker.
+                marked = (
+                    line.split()[1] for line in iter(child.stdout.readline, "") if line.startswith("BENCH ")
+                )
+                status = next(marked, "")
                 ours.append(time.monotonic() - started)
-                rss.append(int(child.stdout.readline()) * 1024)
+                rss.append(int(next(marked)) * 1024)
                 child.wait(timeout=300)
                 if status != "200":
                     raise RuntimeError(f"cold start request answered {status}")

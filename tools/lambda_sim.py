@@ -64,9 +64,11 @@ class Context:
 for number, event in enumerate(config["events"]):
     started = time.monotonic()
     response = handler(event, Context(f"sim-{number}"))
-    print(json.dumps({"response": response, "seconds": time.monotonic() - started}), flush=True)
+    result = {"response": response, "seconds": time.monotonic() - started}
+    print(config["marker"] + json.dumps(result), flush=True)
 """
 
+RESULT_MARKER = "SIM-RESULT "
 RUNTIME_PACKAGES = ("boto3", "botocore", "s3transfer", "jmespath", "dateutil", "six.py", "urllib3")
 
 
@@ -205,6 +207,7 @@ def simulate(
             config = {
                 "path": [str(task), str(opt / "python"), str(runtime)],
                 "handler": function["Handler"],
+                "marker": RESULT_MARKER,
                 "events": [proxy_event(json.dumps({"url": image_url}))] * (1 + warm_requests),
             }
             started = time.monotonic()
@@ -213,16 +216,18 @@ def simulate(
                 cwd=task, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             )  # fmt: skip
             assert child.stdout is not None
-            first = child.stdout.readline()
+            # The function logs JSON to stdout as on Lambda; results carry a marker.
+            lines = iter(child.stdout.readline, "")
+            first = next((line for line in lines if line.startswith(RESULT_MARKER)), "")
             cold_start = time.monotonic() - started
-            rest = child.stdout.read()
+            rest = [line for line in lines if line.startswith(RESULT_MARKER)]
             stderr = child.stderr.read() if child.stderr else ""
             child.wait(timeout=120)
             peak_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
         unpacked = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
     if child.returncode != 0 or not first:
         raise SystemExit(f"the simulated function failed (exit {child.returncode}):\n{stderr[-4000:]}")
-    results = [json.loads(line) for line in [first, *rest.splitlines()]]
+    results = [json.loads(line.removeprefix(RESULT_MARKER)) for line in [first, *rest]]
     warm = sorted(r["seconds"] for r in results[1:])
     return {
         "responses": [r["response"] for r in results],
