@@ -81,6 +81,7 @@ class ModelFiles:
 
 class S3Client(Protocol):
     def get_object(self, *, Bucket: str, Key: str) -> dict[str, Any]: ...  # noqa: N803
+    def head_object(self, *, Bucket: str, Key: str) -> dict[str, Any]: ...  # noqa: N803
 
 
 class ModelStore:
@@ -109,6 +110,20 @@ class ModelStore:
             archive, digest, version = self._local(location)
             folder = self._extract(archive, digest)
         return _read_model_files(folder, source=str(location), version=version)
+
+    def current_version(self, location: ArchiveLocation) -> str:
+        """The version ``fetch`` would get now, cheaply: S3's ETag from HeadObject, or a local hash."""
+        if isinstance(location, LocalArchive):
+            return self._local(location)[2]
+        try:
+            head = self._s3_client().head_object(Bucket=location.bucket, Key=location.key)
+        except ClientError as error:
+            raise _s3_error(location, error) from error
+        except BotoCoreError as error:
+            raise ModelUnavailable(
+                f"S3 could not be asked for the model's version ({type(error).__name__})."
+            ) from error
+        return str(head.get("ETag", "")).strip('"')
 
     def _local(self, location: LocalArchive) -> tuple[Path, str, str]:
         if not location.path.is_file():

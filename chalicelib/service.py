@@ -11,6 +11,7 @@ cached: the next request tries again, so a model published late still comes up.
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import threading
 import time
@@ -36,6 +37,8 @@ from chalicelib.settings import Settings
 if TYPE_CHECKING:
     from chalicelib.classifier import Classifier, Prediction
 
+logger = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class LoadedModel:
@@ -59,18 +62,49 @@ class ClassificationService:
         self._fetcher = ImageFetcher(settings.fetch, settings.url_policy)
         self._store = ModelStore(settings.cache_dir, s3_client=_s3_client)
         self._load_lock = threading.Lock()
+        self._refresh_lock = threading.Lock()
         self._model: LoadedModel | None = None
+        self._last_check = 0.0
 
     @property
     def model_loaded(self) -> bool:
         return self._model is not None
 
     def model(self) -> LoadedModel:
+        """The loaded model; loads it on first use, and starts a refresh check when one is due."""
         if self._model is None:
             with self._load_lock:
                 if self._model is None:
                     self._model = self._load()
+                    self._last_check = time.monotonic()
+        elif self._refresh_due():
+            self._start_refresh()
         return self._model
+
+    def _refresh_due(self) -> bool:
+        interval = self._settings.model_refresh_seconds
+        return interval is not None and time.monotonic() - self._last_check >= interval
+
+    def _start_refresh(self) -> None:
+        """Check and reload in the background; this request and those in flight keep the old model."""
+        if not self._refresh_lock.acquire(blocking=False):
+            return  # a refresh is already running
+        self._last_check = time.monotonic()
+        threading.Thread(target=self._refresh, name="model-refresh", daemon=True).start()
+
+    def _refresh(self) -> None:
+        current = self._model
+        try:
+            if current is None or self._store.current_version(self._settings.model) == current.files.version:
+                return
+            fresh = self._load()
+            # One reference assignment: each request holds the model it started with.
+            self._model = fresh
+            logger.info("model refreshed from version %s to %s", current.files.version, fresh.files.version)
+        except ClassifierError as error:
+            logger.warning("model refresh failed, still serving version %s: %s", current.files.version, error)
+        finally:
+            self._refresh_lock.release()
 
     @property
     def body_limits(self) -> BodyLimits:

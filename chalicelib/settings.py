@@ -43,6 +43,7 @@ class Settings:
     body: BodyLimits
     cors: CorsPolicy
     log_level: str
+    model_refresh_seconds: float | None
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str]) -> Settings:
@@ -68,6 +69,8 @@ class Settings:
             ),
             cors=CorsPolicy.from_setting(environ.get("CORS_ALLOW_ORIGIN", "")),
             log_level=_log_level(environ, "LOG_LEVEL"),
+            # Unset (the default 0) means no refresh checks at all.
+            model_refresh_seconds=_positive_float(environ, "MODEL_REFRESH_SECONDS", 0.0) or None,
             url_policy=UrlPolicy(
                 allowed_ports=_ports(environ, "ALLOWED_PORTS"),
                 allow_private=_flag(environ, "ALLOW_PRIVATE_URLS"),
