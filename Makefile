@@ -13,7 +13,7 @@ LAYER := build/layer/pytorch-layer.zip
 APP_SOURCES := app.py $(wildcard chalicelib/*.py) requirements.txt $(wildcard .chalice/*.json)
 PORT ?= 8000
 
-.PHONY: serve test model package layer lambda-sim bench lint format clean
+.PHONY: serve test model package layer lambda-sim bench browser lint format clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -49,9 +49,14 @@ bench: $(STAMP) $(DEMO_MODEL)
 serve: $(STAMP) $(DEMO_MODEL)
 	$(BIN)/chalice local --no-autoreload --stage dev --host 127.0.0.1 --port $(PORT)
 
+# The demo page is tested in a real headless Chromium, from Debian's packages.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		{ apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; }
+
 # The suite runs in a network namespace with only loopback: it sends hostile
 # URLs on purpose, and there not one packet can leave the machine.
-test: $(STAMP) $(DEMO_MODEL) $(PACKAGE) $(LAYER) lint
+test: $(STAMP) $(DEMO_MODEL) $(PACKAGE) $(LAYER) browser lint
 	tools/isolated_network.sh $(BIN)/python -m pytest
 
 lint: $(STAMP)

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from chalice import Chalice, Response
 from chalice.app import Request
 
-from chalicelib import observability
+from chalicelib import demo_page, observability
 from chalicelib.payload import IMAGE_TYPES, JSON_TYPE, parse_invocation
 from chalicelib.service import LoadedModel, Outcome, cors_headers, get_service, log_level
 
@@ -43,6 +43,12 @@ def around_every_request(request: Request, get_response: Callable[[Request], Res
 def preflight() -> Response:
     """CORS preflight; the middleware adds the headers when the origin is allowed."""
     return Response(body="", status_code=204)
+
+
+@app.route("/", methods=["GET"])
+def index() -> Response:
+    """The demo page: paste a URL or drop a file, see the top 5 classes."""
+    return Response(body=demo_page.page(), headers=demo_page.HEADERS)
 
 
 @app.route("/invocations", methods=["POST"], content_types=[JSON_TYPE, *IMAGE_TYPES])

@@ -41,6 +41,8 @@ os.environ.update(
     }
 )
 
+pytest_plugins = ["tests.support.chalice_local"]
+
 MODEL_BUCKET = "models"
 DEMO_KEY = "demo/model.tar.gz"
 
