@@ -13,7 +13,7 @@ from chalice.test import Client
 from chalicelib.settings import DEMO_ARCHIVE
 from tests.conftest import DEMO_KEY, MODEL_BUCKET
 from tests.support.api import JSON, classify, error_of, label_of
-from tests.support.archives import fastai_archive
+from tests.support.archives import fastai_archive, solid_png
 from tests.support.http_server import RoutedHTTPServer, serve_bytes
 from tests.support.s3 import MotoS3Server
 
@@ -79,22 +79,12 @@ def test_fastai_archive_loads_and_answers_plain_text_class_names(
     s3.put_object(Bucket=MODEL_BUCKET, Key="fastai/model.tar.gz", Body=fastai_archive())  # type: ignore[attr-defined]
     monkeypatch.setenv("MODEL_BUCKET", MODEL_BUCKET)
     monkeypatch.setenv("MODEL_KEY", "fastai/model.tar.gz")
-    image_server.routes["/green.png"] = serve_bytes(_solid_png((20, 200, 30)), "image/png")
+    image_server.routes["/green.png"] = serve_bytes(solid_png((20, 200, 30)), "image/png")
 
     response = classify(client, image_server.url("/green.png"))
 
     assert response.status_code == 200
     assert response.json_body["class"] == "green"
-
-
-def _solid_png(colour: tuple[int, int, int]) -> bytes:
-    import io
-
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.new("RGB", (320, 240), colour).save(buffer, "PNG")
-    return buffer.getvalue()
 
 
 @pytest.mark.usefixtures("cache_dir")

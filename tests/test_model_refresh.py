@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import logging
 import time
 from collections.abc import Callable
@@ -10,11 +9,10 @@ from pathlib import Path
 
 import pytest
 from chalice.test import Client
-from PIL import Image
 
 from tests.conftest import MODEL_BUCKET
 from tests.support.api import classify
-from tests.support.archives import fastai_archive
+from tests.support.archives import fastai_archive, solid_png
 from tests.support.http_server import RoutedHTTPServer, serve_bytes
 from tests.support.s3 import MotoS3Server
 
@@ -23,9 +21,7 @@ KEY = "refresh/model.tar.gz"
 
 @pytest.fixture
 def green_url(image_server: RoutedHTTPServer) -> str:
-    buffer = io.BytesIO()
-    Image.new("RGB", (64, 64), (10, 220, 20)).save(buffer, "PNG")
-    image_server.routes["/refresh/green.png"] = serve_bytes(buffer.getvalue(), "image/png")
+    image_server.routes["/refresh/green.png"] = serve_bytes(solid_png((10, 220, 20)), "image/png")
     return image_server.url("/refresh/green.png")
 
 

@@ -6,6 +6,7 @@ import io
 import tarfile
 
 import torch
+from PIL import Image
 
 # Three outputs that are simply the mean of each normalised channel: a red
 # image scores highest on "red", and so on. Small enough to build in a test,
@@ -49,3 +50,10 @@ def fastai_archive(classes: tuple[str, ...] = COLOUR_CLASSES) -> bytes:
             "./classes.txt": "\n".join(classes).encode(),
         }
     )
+
+
+def solid_png(colour: tuple[int, int, int], size: tuple[int, int] = (64, 64)) -> bytes:
+    """A one-colour PNG: what the colour model above was built to recognise."""
+    buffer = io.BytesIO()
+    Image.new("RGB", size, colour).save(buffer, "PNG")
+    return buffer.getvalue()

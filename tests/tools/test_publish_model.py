@@ -10,7 +10,7 @@ import torch
 from chalicelib.service import get_service
 from tests.conftest import MODEL_BUCKET
 from tests.support.api import label_of
-from tests.support.archives import COLOUR_CLASSES, MeanColour, traced_colour_model
+from tests.support.archives import COLOUR_CLASSES, MeanColour, solid_png, traced_colour_model
 from tests.support.http_server import RoutedHTTPServer, serve_bytes
 from tests.support.s3 import MotoS3Server
 from tools.publish_model import main as publish
@@ -25,13 +25,7 @@ def classes_file(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def blue_image_url(image_server: RoutedHTTPServer) -> str:
-    import io
-
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.new("RGB", (300, 200), (10, 20, 230)).save(buffer, "PNG")
-    image_server.routes["/publish/blue.png"] = serve_bytes(buffer.getvalue(), "image/png")
+    image_server.routes["/publish/blue.png"] = serve_bytes(solid_png((10, 20, 230), (300, 200)), "image/png")
     return image_server.url("/publish/blue.png")
 
 
