@@ -72,6 +72,7 @@ ArchiveLocation = S3Archive | LocalArchive
 class ModelFiles:
     """An extracted, checked archive: what the classifier needs to load."""
 
+    folder: Path
     model_path: Path
     classes: tuple[str, ...]
     manifest: Mapping[str, Any]
@@ -110,6 +111,14 @@ class ModelStore:
             archive, digest, version = self._local(location)
             folder = self._extract(archive, digest)
         return _read_model_files(folder, source=str(location), version=version)
+
+    def discard(self, files: ModelFiles) -> None:
+        """Delete an extraction that is no longer served: /tmp holds one model beside torch, not two.
+
+        Safe once the model is loaded, since TorchScript is read into memory.
+        """
+        if files.folder.parent == self._cache_dir / "models":
+            shutil.rmtree(files.folder, ignore_errors=True)
 
     def current_version(self, location: ArchiveLocation) -> str:
         """The version ``fetch`` would get now, cheaply: S3's ETag from HeadObject, or a local hash."""
@@ -316,6 +325,7 @@ def _read_model_files(folder: Path, *, source: str, version: str) -> ModelFiles:
     classes_path = next(p for p in files if p.name == CLASSES_FILENAME)
     manifest_path = next((p for p in files if p.name == MANIFEST_FILENAME), None)
     return ModelFiles(
+        folder=folder,
         model_path=model_path,
         classes=parse_classes(classes_path.read_bytes()),
         manifest=_parse_manifest(manifest_path.read_bytes()) if manifest_path else {},

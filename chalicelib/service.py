@@ -100,6 +100,8 @@ class ClassificationService:
             fresh = self._load()
             # One reference assignment: each request holds the model it started with.
             self._model = fresh
+            if fresh.files.folder != current.files.folder:
+                self._store.discard(current.files)
             logger.info("model refreshed from version %s to %s", current.files.version, fresh.files.version)
         except ClassifierError as error:
             logger.warning("model refresh failed, still serving version %s: %s", current.files.version, error)

@@ -44,7 +44,9 @@ def until(condition: Callable[[], bool], seconds: float = 30.0) -> bool:
     return False
 
 
-def test_a_new_archive_is_swapped_in(client: Client, refreshing: object, green_url: str) -> None:
+def test_a_new_archive_is_swapped_in(
+    client: Client, refreshing: object, green_url: str, tmp_path: Path
+) -> None:
     assert classify(client, green_url).json_body["class"] == "green"
     first_version = client.http.get("/model").json_body["version"]
 
@@ -54,6 +56,8 @@ def test_a_new_archive_is_swapped_in(client: Client, refreshing: object, green_u
 
     assert until(lambda: classify(client, green_url).json_body["class"] == "vert")
     assert client.http.get("/model").json_body["version"] != first_version
+    # The old extraction is gone: /tmp keeps one model beside the PyTorch layer.
+    assert until(lambda: len(list((tmp_path / "cache" / "models").iterdir())) == 1)
 
 
 def test_a_broken_archive_keeps_the_old_model_serving(
