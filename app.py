@@ -14,7 +14,7 @@ from chalice.app import Request
 
 from chalicelib import demo_page, observability
 from chalicelib.payload import IMAGE_TYPES, JSON_TYPE, parse_invocation
-from chalicelib.service import LoadedModel, Outcome, cors_headers, get_service, log_level
+from chalicelib.service import LoadedModel, Outcome, get_service, settings_or_none
 
 app = Chalice(app_name="chalice-classifier")
 app.api.binary_types.extend(t for t in IMAGE_TYPES if t not in app.api.binary_types)
@@ -24,15 +24,17 @@ app.api.binary_types.extend(t for t in IMAGE_TYPES if t not in app.api.binary_ty
 def around_every_request(request: Request, get_response: Callable[[Request], Response]) -> Response:
     """One JSON log line and metrics per request; CORS and the request id on every response."""
     request_id = app.lambda_context.aws_request_id if app.lambda_context is not None else "local"
-    record = observability.begin(request_id, request.path, request.method, log_level())
+    settings = settings_or_none()  # read once for the log level and the CORS headers
+    level = settings.log_level if settings else observability.DEFAULT_LOG_LEVEL
+    record = observability.begin(request_id, request.path, request.method, level)
     response = get_response(request)
     body = response.body if isinstance(response.body, dict) else {}
     observability.finish(
         record, response.status_code, body.get("Code") if response.status_code >= 400 else None
     )
-    response.headers.update(
-        cors_headers(request.headers.get("origin"), preflight=request.method == "OPTIONS")
-    )
+    if settings is not None:
+        origin = request.headers.get("origin")
+        response.headers.update(settings.cors.headers(origin, preflight=request.method == "OPTIONS"))
     response.headers["x-request-id"] = request_id
     return response
 

@@ -30,6 +30,7 @@ from aws_lambda_powertools.metrics import MetricUnit, single_metric
 SERVICE = "chalice-classifier"
 NAMESPACE = "ChaliceClassifier"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+DEFAULT_LOG_LEVEL = "INFO"
 
 
 class _CurrentStdout:

@@ -232,19 +232,12 @@ def get_service() -> ClassificationService:
     return _services.get(Settings.from_environ(os.environ))
 
 
-def cors_headers(origin: str | None, *, preflight: bool) -> dict[str, str]:
-    """CORS headers for any response, errors included; none while the configuration is broken."""
-    settings = _settings_or_none()
-    return settings.cors.headers(origin, preflight=preflight) if settings else {}
+def settings_or_none() -> Settings | None:
+    """The current settings, or None while the configuration is broken.
 
-
-def log_level() -> str:
-    """LOG_LEVEL, or INFO while the configuration is broken (the request says why)."""
-    settings = _settings_or_none()
-    return settings.log_level if settings else "INFO"
-
-
-def _settings_or_none() -> Settings | None:
+    For the per-request middleware: it must still log and answer with CORS
+    headers when the view is about to report the broken configuration.
+    """
     try:
         return Settings.from_environ(os.environ)
     except ConfigurationError:

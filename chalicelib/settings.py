@@ -22,7 +22,7 @@ from chalicelib.cors import CorsPolicy
 from chalicelib.errors import ConfigurationError
 from chalicelib.fetch import FetchLimits
 from chalicelib.model_store import ArchiveLocation, LocalArchive, S3Archive
-from chalicelib.observability import LOG_LEVELS
+from chalicelib.observability import DEFAULT_LOG_LEVEL, LOG_LEVELS
 from chalicelib.payload import DEFAULT_MAX_BATCH, DEFAULT_MAX_BODY_BYTES, BodyLimits
 from chalicelib.url_policy import DEFAULT_PORTS, UrlPolicy
 
@@ -144,7 +144,7 @@ def _ports(environ: Mapping[str, str], name: str) -> frozenset[int] | None:
 
 
 def _log_level(environ: Mapping[str, str], name: str) -> str:
-    level = environ.get(name, "").strip().upper() or "INFO"
+    level = environ.get(name, "").strip().upper() or DEFAULT_LOG_LEVEL
     if level not in LOG_LEVELS:
         raise ConfigurationError(
             f"Config '{name}' must be one of {', '.join(LOG_LEVELS)}, got {environ[name]!r}."
