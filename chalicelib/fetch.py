@@ -22,7 +22,7 @@ import urllib3.exceptions
 from requests.adapters import HTTPAdapter
 
 from chalicelib.errors import ImageTooLarge, InvalidURL, UpstreamError, UpstreamTimeout
-from chalicelib.url_policy import Resolver, Target, UrlPolicy
+from chalicelib.url_policy import Resolver, Target, UrlPolicy, port_or_default
 
 MAX_REDIRECTS = 3
 READ_SIZE = 64 * 1024
@@ -62,7 +62,7 @@ class PinnedAddressAdapter(HTTPAdapter):
     ) -> tuple[dict[str, Any], dict[str, Any]]:
         host_params, pool_kwargs = super().build_connection_pool_key_attributes(request, verify, cert)
         host, port = host_params["host"], host_params["port"]
-        pinned = self._pins[(host, port or (443 if host_params["scheme"] == "https" else 80))]
+        pinned = self._pins[(host, port_or_default(host_params["scheme"], port))]
         netloc = f"[{host}]" if ":" in host else host
         request.headers["Host"] = netloc if port is None else f"{netloc}:{port}"
         if host_params["scheme"] == "https":

@@ -33,6 +33,11 @@ Resolver = Callable[[str, int], Sequence[IPAddress]]
 MAX_URL_LENGTH = 2048
 DEFAULT_PORTS = frozenset({80, 443})
 
+
+def port_or_default(scheme: str, port: int | None) -> int:
+    return port if port is not None else (443 if scheme == "https" else 80)
+
+
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 
 # Ranges that Python's is_global / is_private do not all cover on every 3.11
@@ -67,7 +72,7 @@ class UrlPolicy:
     def check(self, url: str, resolve: Resolver | None = None) -> Target:
         """Refuse the URL with ``InvalidURL``, or say which address to connect to."""
         parts = _parse(url)
-        port = parts.port if parts.port is not None else (443 if parts.scheme == "https" else 80)
+        port = port_or_default(parts.scheme, parts.port)
         if self.allowed_ports is not None and port not in self.allowed_ports:
             allowed = ", ".join(str(p) for p in sorted(self.allowed_ports))
             raise InvalidURL(f"The image URL uses port {port}; allowed ports are {allowed} (ALLOWED_PORTS).")
