@@ -132,7 +132,7 @@ class ModelStore:
             raise ModelUnavailable(
                 f"S3 could not be asked for the model's version ({type(error).__name__})."
             ) from error
-        return str(head.get("ETag", "")).strip('"')
+        return _etag(head)
 
     def _local(self, location: LocalArchive) -> tuple[Path, str, str]:
         if not location.path.is_file():
@@ -141,7 +141,7 @@ class ModelStore:
                 "MODEL_KEY, or MODEL_PATH, or build the demo model with `make model`."
             )
         digest = _sha256_of(location.path)
-        return location.path, digest, f"sha256:{digest[:16]}"
+        return location.path, digest, _hash_version(digest)
 
     def _download(self, location: S3Archive) -> tuple[Path, str, str]:
         digest = hashlib.sha256()
@@ -163,9 +163,9 @@ class ModelStore:
             raise ModelUnavailable(
                 f"The model archive could not be downloaded from S3 ({type(error).__name__})."
             ) from error
-        etag = str(response.get("ETag", "")).strip('"')
+        etag = _etag(response)
         logger.info("downloaded %s (%d bytes, ETag %s)", location, written, etag)
-        return path, digest.hexdigest(), etag or f"sha256:{digest.hexdigest()[:16]}"
+        return path, digest.hexdigest(), etag or _hash_version(digest.hexdigest())
 
     def _extract(self, archive: Path, digest: str) -> Path:
         """Extract once per distinct archive; a finished folder is never rewritten."""
@@ -226,6 +226,15 @@ def _s3_error(location: S3Archive, error: ClientError) -> ModelUnavailable:
             "needs s3:GetObject on MODEL_BUCKET/MODEL_KEY."
         )
     return ModelUnavailable(f"S3 refused the model archive download ({code or 'unknown error'}).")
+
+
+def _etag(response: Mapping[str, Any]) -> str:
+    return str(response.get("ETag", "")).strip('"')
+
+
+def _hash_version(digest: str) -> str:
+    """The version of an archive S3 gave no ETag for, or of a local one."""
+    return f"sha256:{digest[:16]}"
 
 
 def _sha256_of(path: Path) -> str:
