@@ -107,6 +107,6 @@ def _model_info(loaded: LoadedModel) -> dict[str, object]:
             "mean": list(preprocessing.mean),
             "std": list(preprocessing.std),
         },
-        "backend": "torchscript",
+        "backend": loaded.classifier.backend,
         "loaded_at": loaded.loaded_at.isoformat(timespec="seconds"),
     }

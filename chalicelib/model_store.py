@@ -38,7 +38,8 @@ from chalicelib.errors import ModelUnavailable
 
 logger = logging.getLogger(__name__)
 
-MODEL_SUFFIXES = (".pt", ".pth")
+TORCHSCRIPT_SUFFIXES = (".pt", ".pth")
+ONNX_SUFFIX = ".onnx"
 CLASSES_FILENAME = "classes.txt"
 MANIFEST_FILENAME = "manifest.json"
 CHUNK_SIZE = 1024 * 1024
@@ -70,10 +71,14 @@ ArchiveLocation = S3Archive | LocalArchive
 
 @dataclass(frozen=True)
 class ModelFiles:
-    """An extracted, checked archive: what the classifier needs to load."""
+    """An extracted, checked archive: what a backend needs to load.
+
+    It holds a TorchScript file, an ONNX model, or both (see backends).
+    """
 
     folder: Path
-    model_path: Path
+    torchscript_path: Path | None
+    onnx_path: Path | None
     classes: tuple[str, ...]
     manifest: Mapping[str, Any]
     source: str
@@ -293,17 +298,19 @@ def _safe_extract(archive_path: Path, destination: Path) -> None:
 def _is_wanted(member: tarfile.TarInfo) -> bool:
     name = PurePosixPath(member.name).name
     return not name.startswith("._") and (
-        name.endswith(MODEL_SUFFIXES) or name in (CLASSES_FILENAME, MANIFEST_FILENAME)
+        name.endswith((*TORCHSCRIPT_SUFFIXES, ONNX_SUFFIX)) or name in (CLASSES_FILENAME, MANIFEST_FILENAME)
     )
 
 
 def _check_contents(extracted: list[tarfile.TarInfo]) -> None:
-    """Exactly one model file, exactly one classes.txt, at most one manifest.json."""
-    models = [m for m in extracted if m.name.endswith(MODEL_SUFFIXES)]
-    if len(models) != 1:
-        found = ", ".join(m.name for m in models) or "none"
+    """A TorchScript file, an ONNX model or both, exactly one classes.txt, at most one manifest.json."""
+    torchscript = [m for m in extracted if m.name.endswith(TORCHSCRIPT_SUFFIXES)]
+    onnx = [m for m in extracted if m.name.endswith(ONNX_SUFFIX)]
+    if len(torchscript) > 1 or len(onnx) > 1 or not (torchscript or onnx):
+        found = ", ".join(m.name for m in torchscript + onnx) or "none"
         raise ModelUnavailable(
-            f"The model archive must hold exactly one TorchScript file (*.pt or *.pth); found {found}."
+            "The model archive must hold one TorchScript file (*.pt or *.pth), one ONNX model "
+            f"(model.onnx), or one of each; found {found}."
         )
     _named(extracted, CLASSES_FILENAME, required=True)
     _named(extracted, MANIFEST_FILENAME, required=False)
@@ -330,12 +337,12 @@ def _publish_directory(staging: Path, target: Path) -> None:
 
 def _read_model_files(folder: Path, *, source: str, version: str) -> ModelFiles:
     files = [p for p in folder.rglob("*") if p.is_file()]
-    model_path = next(p for p in files if p.suffix in MODEL_SUFFIXES)
     classes_path = next(p for p in files if p.name == CLASSES_FILENAME)
     manifest_path = next((p for p in files if p.name == MANIFEST_FILENAME), None)
     return ModelFiles(
         folder=folder,
-        model_path=model_path,
+        torchscript_path=next((p for p in files if p.suffix in TORCHSCRIPT_SUFFIXES), None),
+        onnx_path=next((p for p in files if p.suffix == ONNX_SUFFIX), None),
         classes=parse_classes(classes_path.read_bytes()),
         manifest=_parse_manifest(manifest_path.read_bytes()) if manifest_path else {},
         source=source,

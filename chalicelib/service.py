@@ -10,7 +10,6 @@ cached: the next request tries again, so a model published late still comes up.
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import threading
@@ -19,23 +18,19 @@ from concurrent.futures import ThreadPoolExecutor
 from contextvars import copy_context
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from types import ModuleType
-from typing import TYPE_CHECKING
 
 import boto3
 import numpy as np
 from botocore.config import Config
 
-from chalicelib import observability
+from chalicelib import backends, observability
 from chalicelib.errors import ClassifierError, ConfigurationError, InvalidRequest
 from chalicelib.fetch import ImageFetcher
 from chalicelib.imaging import Preprocessing, decode_image, to_model_input
 from chalicelib.model_store import ModelFiles, ModelStore, S3Client
 from chalicelib.payload import BodyLimits, ImageInput, Invocation
+from chalicelib.prediction import Classifier, Prediction
 from chalicelib.settings import Settings
-
-if TYPE_CHECKING:
-    from chalicelib.classifier import Classifier, Prediction
 
 logger = logging.getLogger(__name__)
 
@@ -177,29 +172,22 @@ class ClassificationService:
             return error
 
     def _load(self) -> LoadedModel:
-        # import torch (about 1.5 s here, plus unpacking on Lambda) runs in a
-        # thread while this one downloads and extracts the archive, so a cold
-        # start pays for the slower of the two rather than both.
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="import-torch") as pool:
-            torch_ready = pool.submit(_import_classifier)
+        # The backend this setting most likely needs is imported in a thread
+        # while this one downloads and extracts the archive (import torch is
+        # about 1.5 s here, plus unpacking its layer on Lambda), so a cold
+        # start pays for the slower of the two rather than both. A failed or
+        # unneeded import here is harmless: loading imports what it needs and
+        # reports that failure itself.
+        setting = self._settings.model_backend
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="import-backend") as pool:
+            pool.submit(backends.import_backend, backends.expected_backend(setting))
             files = self._store.fetch(self._settings.model)
             preprocessing = Preprocessing.from_manifest(files.manifest)
-            classifier_module = torch_ready.result()
-        classifier_module.set_thread_count(self._settings.torch_num_threads)
-        classifier = classifier_module.load_classifier(files.model_path, files.classes, preprocessing.crop)
+        backend = backends.choose_backend(setting, files)
+        classifier = backends.load(backend, files, preprocessing.crop, self._settings.inference_threads)
         return LoadedModel(
             classifier=classifier, preprocessing=preprocessing, files=files, loaded_at=datetime.now(UTC)
         )
-
-
-def _import_classifier() -> ModuleType:
-    """Import torch on first use, never with app.py.
-
-    On Lambda the PyTorch layer must first be unpacked to /tmp (torch_layer
-    does it on import), and /ping or a bad request never pays for torch.
-    """
-    importlib.import_module("chalicelib.torch_layer")
-    return importlib.import_module("chalicelib.classifier")
 
 
 def _s3_client() -> S3Client:

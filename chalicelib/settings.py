@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+from chalicelib.backends import BACKEND_SETTINGS
 from chalicelib.cors import CorsPolicy
 from chalicelib.errors import ConfigurationError
 from chalicelib.fetch import FetchLimits
@@ -36,7 +37,8 @@ DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
 class Settings:
     model: ArchiveLocation
     cache_dir: Path
-    torch_num_threads: int
+    model_backend: str
+    inference_threads: int
     fetch: FetchLimits
     max_image_pixels: int
     url_policy: UrlPolicy
@@ -54,7 +56,8 @@ class Settings:
             cache_dir=Path(
                 environ.get("MODEL_CACHE_DIR") or Path(tempfile.gettempdir(), "chalice-classifier")
             ),
-            torch_num_threads=_positive_int(environ, "TORCH_NUM_THREADS", 1),
+            model_backend=_choice(environ, "MODEL_BACKEND", BACKEND_SETTINGS),
+            inference_threads=_positive_int(environ, "INFERENCE_THREADS", 1),
             fetch=FetchLimits(
                 connect_timeout=_positive_float(environ, "FETCH_CONNECT_TIMEOUT", defaults.connect_timeout),
                 read_timeout=_positive_float(environ, "FETCH_READ_TIMEOUT", defaults.read_timeout),
@@ -144,9 +147,21 @@ def _ports(environ: Mapping[str, str], name: str) -> frozenset[int] | None:
 
 
 def _log_level(environ: Mapping[str, str], name: str) -> str:
-    level = environ.get(name, "").strip().upper() or DEFAULT_LOG_LEVEL
-    if level not in LOG_LEVELS:
+    return _choice(environ, name, LOG_LEVELS, default=DEFAULT_LOG_LEVEL, normalise=str.upper)
+
+
+def _choice(
+    environ: Mapping[str, str],
+    name: str,
+    choices: tuple[str, ...],
+    *,
+    default: str | None = None,
+    normalise: Callable[[str], str] = str.lower,
+) -> str:
+    """One of ``choices``; unset means ``default``, or the first choice."""
+    value = normalise(environ.get(name, "").strip()) or (default or choices[0])
+    if value not in choices:
         raise ConfigurationError(
-            f"Config '{name}' must be one of {', '.join(LOG_LEVELS)}, got {environ[name]!r}."
+            f"Config '{name}' must be one of {', '.join(choices)}, got {environ[name]!r}."
         )
-    return level
+    return value

@@ -180,7 +180,7 @@ def test_model_endpoint_describes_the_loaded_model(client: Client) -> None:
     assert body["classes"] == 1000
     assert body["input"] == {"channels": 3, "height": 224, "width": 224}
     assert body["preprocessing"]["interpolation"] == "bicubic"
-    assert body["backend"] == "torchscript"
+    assert body["backend"] == "onnx"  # the demo archive carries both, and onnxruntime is installed
     assert body["name"] == "efficientnet-lite0-imagenet"
     assert body["loaded_at"].endswith("+00:00")
 

@@ -22,7 +22,13 @@ from chalicelib.model_store import LocalArchive, ModelStore, S3Archive
 from chalicelib.settings import DEMO_ARCHIVE
 from tests.conftest import MODEL_BUCKET
 from tests.support.api import classify, error_of
-from tests.support.archives import COLOUR_CLASSES, fastai_archive, tar_gz, traced_colour_model
+from tests.support.archives import (
+    COLOUR_CLASSES,
+    fastai_archive,
+    onnx_colour_model,
+    tar_gz,
+    traced_colour_model,
+)
 from tests.support.http_server import RoutedHTTPServer
 
 ABSOLUTE_MEMBER = "/tmp/chalice-classifier-test-absolute-member.txt"
@@ -47,7 +53,19 @@ BAD_ARCHIVES = {
         tar_gz({"a.pt": traced_colour_model(), "b.pth": traced_colour_model(), "classes.txt": _classes()}),
         "a.pt, b.pth",
     ),
+    "two-onnx-models": (
+        tar_gz({"a.onnx": onnx_colour_model(), "b.onnx": onnx_colour_model(), "classes.txt": _classes()}),
+        "a.onnx, b.onnx",
+    ),
     "class-count-mismatch": (fastai_archive(classes=("cat", "dog")), "3 outputs but classes.txt lists 2"),
+    "onnx-class-count-mismatch": (
+        tar_gz({"model.onnx": onnx_colour_model(), "classes.txt": b"cat\ndog\n"}),
+        "3 outputs but classes.txt lists 2",
+    ),
+    "not-onnx": (
+        tar_gz({"model.onnx": b"not a model", "classes.txt": _classes()}),
+        "model.onnx is not a loadable ONNX model",
+    ),
     "dot-dot-member": (
         tar_gz({"model.pt": traced_colour_model(), "classes.txt": _classes(), "../escaped.txt": b"x"}),
         "'../escaped.txt'",
@@ -209,14 +227,14 @@ def test_truncated_download_is_never_used_and_leaves_no_partial_file(
 def test_extraction_is_reused_by_a_later_process_in_the_same_sandbox(s3: object, tmp_path: Path) -> None:
     store = ModelStore(tmp_path, s3_client=lambda: s3)  # type: ignore[arg-type, return-value]
     first = store.fetch(S3Archive(bucket=MODEL_BUCKET, key="demo/model.tar.gz"))
-    first_inode = first.model_path.stat().st_ino
+    first_inode = first.torchscript_path.stat().st_ino
 
     second = ModelStore(tmp_path, s3_client=lambda: s3).fetch(  # type: ignore[arg-type, return-value]
         S3Archive(bucket=MODEL_BUCKET, key="demo/model.tar.gz")
     )
 
-    assert second.model_path == first.model_path
-    assert second.model_path.stat().st_ino == first_inode
+    assert second.torchscript_path == first.torchscript_path
+    assert second.torchscript_path.stat().st_ino == first_inode
     assert len(first.classes) == 1000
     assert first.manifest["preprocessing"]["interpolation"] == "bicubic"
 
@@ -248,7 +266,7 @@ def test_macos_resource_forks_are_ignored(tmp_path: Path) -> None:
 
     files = ModelStore(tmp_path / "cache", s3_client=_no_s3).fetch(LocalArchive(archive))  # type: ignore[arg-type]
 
-    assert files.model_path.name == "model.pt"
+    assert files.torchscript_path.name == "model.pt"
 
 
 def test_demo_archive_is_valid(tmp_path: Path) -> None:
@@ -256,4 +274,4 @@ def test_demo_archive_is_valid(tmp_path: Path) -> None:
 
     assert files.classes[281] == "tabby"
     assert files.manifest["preprocessing"]["mean"] == [0.5, 0.5, 0.5]
-    assert io.BytesIO(files.model_path.read_bytes()).read(2) == b"PK"
+    assert io.BytesIO(files.torchscript_path.read_bytes()).read(2) == b"PK"

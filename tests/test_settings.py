@@ -16,7 +16,8 @@ def test_empty_environment_gives_the_demo_model_and_defaults() -> None:
     settings = Settings.from_environ({})
 
     assert settings.model == LocalArchive(DEMO_ARCHIVE)
-    assert settings.torch_num_threads == 1
+    assert settings.inference_threads == 1
+    assert settings.model_backend == "auto"
     assert settings.fetch == FetchLimits()
     assert settings.max_image_pixels == DEFAULT_MAX_IMAGE_PIXELS
     assert settings.cache_dir.name == "chalice-classifier"
@@ -45,7 +46,8 @@ def test_half_set_pair_names_what_is_missing(present: str, missing: str) -> None
 def test_values_are_read() -> None:
     settings = Settings.from_environ(
         {
-            "TORCH_NUM_THREADS": "2",
+            "INFERENCE_THREADS": "2",
+            "MODEL_BACKEND": " ONNX ",
             "FETCH_CONNECT_TIMEOUT": "1.5",
             "FETCH_READ_TIMEOUT": "2",
             "FETCH_DEADLINE": "8",
@@ -55,7 +57,8 @@ def test_values_are_read() -> None:
         }
     )
 
-    assert settings.torch_num_threads == 2
+    assert settings.inference_threads == 2
+    assert settings.model_backend == "onnx"
     assert settings.fetch == FetchLimits(connect_timeout=1.5, read_timeout=2.0, deadline=8.0, max_bytes=1000)
     assert settings.max_image_pixels == 5000
     assert settings.cache_dir == Path("/var/cache/models")
@@ -64,8 +67,9 @@ def test_values_are_read() -> None:
 @pytest.mark.parametrize(
     ("name", "value"),
     [
-        ("TORCH_NUM_THREADS", "two"),
-        ("TORCH_NUM_THREADS", "0"),
+        ("INFERENCE_THREADS", "two"),
+        ("INFERENCE_THREADS", "0"),
+        ("MODEL_BACKEND", "tensorflow"),
         ("MAX_IMAGE_BYTES", "-1"),
         ("MAX_IMAGE_PIXELS", "1e6"),
         ("FETCH_DEADLINE", "soon"),

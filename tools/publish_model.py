@@ -3,14 +3,18 @@
 Takes either a TorchScript file (what the fast.ai tutorial exports), or an
 ``nn.Module`` factory plus a state-dict checkpoint, which it scripts (default)
 or traces on an example input. Before anything is uploaded it loads the
-result the way the service does (``chalicelib.classifier.load_classifier``):
-it must load on the CPU, run on a dummy input of the manifest's crop size,
-and have exactly one output per line of ``classes.txt``.
+result the way the service does (``chalicelib.torchscript_backend``): it must
+load on the CPU, run on a dummy input of the manifest's crop size, and have
+exactly one output per line of ``classes.txt``.
+
+With ``--onnx`` it also exports ``model.onnx`` next to the TorchScript file
+(the service's fast backend), and publishes only if the two agree on random
+inputs and real photographs (scikit-image's, plus any ``--check-image``).
 
 Example::
 
     python -m tools.publish_model --torchscript resnet50_jit.pth --classes classes.txt \\
-        --resize 256 --crop 224 --s3 s3://my-bucket/models/model.tar.gz
+        --resize 256 --crop 224 --onnx --s3 s3://my-bucket/models/model.tar.gz
 
 It prints the ``MODEL_BUCKET``/``MODEL_KEY`` lines for ``.chalice/config.json``.
 """
@@ -30,11 +34,12 @@ from urllib.parse import urlsplit
 import boto3
 import torch
 
-from chalicelib.classifier import load_classifier
 from chalicelib.errors import ModelUnavailable
 from chalicelib.imaging import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, Preprocessing
 from chalicelib.model_store import parse_classes
+from chalicelib.torchscript_backend import load_classifier
 from tools.model_archive import write_archive
+from tools.onnx_export import ONNX_FILENAME, ExportRefused, check_agreement, export_onnx, sample_photos
 
 
 def torchscript_from_module(factory: str, checkpoint: Path | None, crop: int, trace: bool) -> bytes:
@@ -59,7 +64,7 @@ def validate(
     with tempfile.TemporaryDirectory() as scratch:
         path = Path(scratch) / model_filename
         path.write_bytes(model_bytes)
-        load_classifier(path, tuple(classes), preprocessing.crop)
+        load_classifier(path, tuple(classes), preprocessing.crop, threads=1)
 
 
 def upload(archive: Path, destination: str, endpoint_url: str | None) -> tuple[str, str]:
@@ -79,6 +84,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--checkpoint", type=Path, help="state dict for --module")
     parser.add_argument("--trace", action="store_true", help="trace --module instead of scripting it")
     parser.add_argument("--classes", type=Path, required=True, help="classes.txt, one name per line")
+    parser.add_argument("--onnx", action="store_true", help="also export model.onnx, checked against it")
+    parser.add_argument(
+        "--check-image", type=Path, action="append", default=[], help="a photo both backends must agree on"
+    )
     parser.add_argument("--resize", type=int, default=256)
     parser.add_argument("--crop", type=int, default=224)
     parser.add_argument("--interpolation", choices=sorted(INTERPOLATIONS), default="bilinear")
@@ -111,9 +120,18 @@ def main(argv: Sequence[str] | None = None) -> None:
             model_filename = f"{args.name}.pt"
             model_bytes = torchscript_from_module(args.module, args.checkpoint, args.crop, args.trace)
         validate(model_bytes, model_filename, classes, preprocessing)
-    except ModelUnavailable as error:
+        models = {model_filename: model_bytes}
+        if args.onnx:
+            models[ONNX_FILENAME] = export_onnx(model_bytes, preprocessing.crop)
+            photos = sample_photos() + [path.read_bytes() for path in args.check_image]
+            agreement = check_agreement(model_bytes, models[ONNX_FILENAME], classes, preprocessing, photos)
+            print(
+                f"TorchScript and ONNX agree within {agreement.max_probability_difference:.1g} on "
+                f"{agreement.random_inputs_checked} random inputs and {agreement.images_checked} photos"
+            )
+    except (ModelUnavailable, ExportRefused) as error:
         raise SystemExit(f"not published: {error}") from error
-    write_archive(args.output, model_filename, model_bytes, classes, manifest)
+    write_archive(args.output, models, classes, manifest)
     print(f"wrote {args.output} ({args.output.stat().st_size:,} bytes, {len(classes)} classes)")
     if args.s3:
         bucket, key = upload(args.output, args.s3, args.endpoint_url)

@@ -5,8 +5,11 @@ from __future__ import annotations
 import io
 import tarfile
 
+import onnx
 import torch
 from PIL import Image
+
+from tools.onnx_export import export_onnx
 
 # Three outputs that are simply the mean of each normalised channel: a red
 # image scores highest on "red", and so on. Small enough to build in a test,
@@ -19,12 +22,38 @@ class MeanColour(torch.nn.Module):
         return x.mean(dim=(2, 3)) * 10.0
 
 
+class NoisyColour(torch.nn.Module):
+    """Random scores on top: a model that cannot agree with any export of itself."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(2, 3)) * 10.0 + torch.rand(x.shape[0], 3) * 5
+
+
+class FourierColour(torch.nn.Module):
+    """Uses an operator (``fft_rfft``) torch's ONNX exporter does not support."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.fft.rfft(x.mean(dim=(2, 3)), n=4).abs()[:, :3]
+
+
 def traced_colour_model() -> bytes:
     """A traced model saved the way the fast.ai tutorial saves ``resnet50_jit.pth``."""
     traced = torch.jit.trace(MeanColour().eval(), torch.ones(1, 3, 224, 224))
     buffer = io.BytesIO()
     torch.jit.save(traced, buffer)
     return buffer.getvalue()
+
+
+def onnx_colour_model(*, fixed_batch: bool = False) -> bytes:
+    """The colour model exported as ``publish_model --onnx`` does; or with batch fixed at 1,
+    as exporters leave it when not told the batch axis is dynamic."""
+    exported = export_onnx(traced_colour_model(), crop=224)
+    if not fixed_batch:
+        return exported
+    model = onnx.load_from_string(exported)
+    for value in (*model.graph.input, *model.graph.output):
+        value.type.tensor_type.shape.dim[0].dim_value = 1
+    return model.SerializeToString()
 
 
 def tar_gz(files: dict[str, bytes], *, symlinks: dict[str, str] | None = None) -> bytes:

@@ -10,7 +10,14 @@ import torch
 from chalicelib.service import get_service
 from tests.conftest import MODEL_BUCKET
 from tests.support.api import label_of
-from tests.support.archives import COLOUR_CLASSES, MeanColour, solid_png, traced_colour_model
+from tests.support.archives import (
+    COLOUR_CLASSES,
+    FourierColour,
+    MeanColour,
+    NoisyColour,
+    solid_png,
+    traced_colour_model,
+)
 from tests.support.http_server import RoutedHTTPServer, serve_bytes
 from tests.support.s3 import MotoS3Server
 from tools.publish_model import main as publish
@@ -114,3 +121,67 @@ def test_a_model_that_does_not_match_its_classes_is_not_published(
     assert not (tmp_path / "m.tar.gz").exists()
     listed = s3.list_objects_v2(Bucket=MODEL_BUCKET, Prefix="published/mismatch/")  # type: ignore[attr-defined]
     assert listed.get("KeyCount", 0) == 0
+
+
+@pytest.mark.usefixtures("cache_dir")
+def test_onnx_flag_publishes_both_formats_and_the_service_runs_onnx(
+    s3_server: MotoS3Server,
+    s3: object,
+    tmp_path: Path,
+    classes_file: Path,
+    blue_image_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    model = tmp_path / "resnet50_jit.pth"
+    model.write_bytes(traced_colour_model())
+    key = "published/onnx/model.tar.gz"
+
+    publish(
+        [
+            "--torchscript", str(model), "--classes", str(classes_file), "--onnx",
+            "--check-image", str(_saved(tmp_path / "red.png", (250, 5, 5))),
+            "--output", str(tmp_path / "m.tar.gz"),
+            "--s3", f"s3://{MODEL_BUCKET}/{key}", "--endpoint-url", s3_server.endpoint,
+        ]
+    )  # fmt: skip
+    printed = capsys.readouterr().out
+    serve_from(monkeypatch, key)
+
+    assert "agree within" in printed
+    assert "4 photos" in printed  # scikit-image's three and the --check-image
+    assert label_of(blue_image_url) == "blue"
+    files = get_service().model().files
+    assert (files.torchscript_path.name, files.onnx_path.name) == ("resnet50_jit.pth", "model.onnx")  # type: ignore[union-attr]
+    assert get_service().model().classifier.backend == "onnx"
+
+
+@pytest.mark.parametrize(
+    ("module", "cause"),
+    [
+        (NoisyColour, "probabilities differ by up to"),
+        (FourierColour, "torch cannot export this model to ONNX"),
+    ],
+)
+def test_an_onnx_export_that_does_not_match_is_not_published(
+    s3_server: MotoS3Server, s3: object, tmp_path: Path, classes_file: Path, module: type, cause: str
+) -> None:
+    key = f"published/{module.__name__}/model.tar.gz"
+
+    with pytest.raises(SystemExit, match=cause):
+        publish(
+            [
+                "--module", f"{module.__module__}:{module.__name__}", "--onnx",
+                "--classes", str(classes_file), "--output", str(tmp_path / "m.tar.gz"),
+                "--s3", f"s3://{MODEL_BUCKET}/{key}", "--endpoint-url", s3_server.endpoint,
+            ]
+        )  # fmt: skip
+
+    assert not (tmp_path / "m.tar.gz").exists()
+    listed = s3.list_objects_v2(Bucket=MODEL_BUCKET, Prefix=f"published/{module.__name__}/")  # type: ignore[attr-defined]
+    assert listed.get("KeyCount", 0) == 0
+
+
+def _saved(path: Path, colour: tuple[int, int, int]) -> Path:
+    path.write_bytes(solid_png(colour))
+    return path
