@@ -5,9 +5,12 @@ in the same process, each the median of ``ROUNDS`` rounds; absolute times are
 context. Everything talks to loopback only (moto S3, a local image host), and
 ``make bench`` runs it inside tools/isolated_network.sh.
 
-Measured, per image size where it applies:
+Both backends are measured in the same run, on the same demo archive (which
+carries the model as TorchScript and as ONNX), switched by MODEL_BACKEND.
+Measured, per image size and per backend where it applies:
 
-- forward: the loaded (frozen) model on a ready tensor, the floor for the model;
+- forward: the loaded model (frozen TorchScript, or the ONNX Runtime session)
+  on a ready input, the floor for the model;
 - parts: decode + preprocess alone;
 - end to end: ``POST /invocations`` through the Chalice handler (the Lambda
   entry point), image from the loopback host, model from moto S3, warm;
@@ -16,7 +19,8 @@ Measured, per image size where it applies:
   inference_mode, torch's default threads;
 - busy: one more end-to-end round while a CPU burner holds the other core;
 - cold start: a fresh process from import to first answer, against a bare
-  script that only imports torch, loads the model file and runs one forward;
+  script that only imports the runtime, loads the model file and runs one
+  forward;
 - peak RSS of a serving process, and Lambda cost per million requests.
 """
 
@@ -42,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import boto3
+import onnxruntime
 import requests
 import torch
 from moto.server import ThreadedMotoServer
@@ -50,7 +55,8 @@ from skimage import data as photos
 from torchvision import transforms
 
 from chalicelib.imaging import INTERPOLATIONS, decode_image, to_model_input
-from chalicelib.service import get_service
+from chalicelib.prediction import softmax
+from chalicelib.service import LoadedModel, get_service
 from tools.lambda_sim import image_host, proxy_event
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -61,6 +67,8 @@ ACCURACY_PHOTOS = ("chelsea", "coffee", "astronaut", "rocket")
 EXPERIMENT_REPEATS = 60  # per variant: the forward pass is steady, the full run must stay short
 PRICE_PER_GB_SECOND = 0.0000166667
 PRICE_PER_MILLION_REQUESTS = 0.20
+# Reported name -> MODEL_BACKEND value.
+BACKENDS = {"torchscript": "torch", "onnx": "onnx"}
 
 
 def percentile(samples: list[float], fraction: float) -> float:
@@ -170,8 +178,10 @@ class Naive:
         return self._classes[int(index)], float(confidence)
 
 
+# Peak RSS comes from the child's own VmHWM: getrusage's ru_maxrss survives
+# exec, so in a child it would report this (much larger) process's RSS.
 COLD_SCRIPT = """
-import json, resource, sys
+import json, sys
 from app import app
 
 class Context:
@@ -184,32 +194,43 @@ first, large = json.loads(sys.argv[1]), json.loads(sys.argv[2])
 print("BENCH", app(first, Context())["statusCode"], flush=True)
 for _ in range(20):
     app(large, Context())
-print("BENCH", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, flush=True)
+with open("/proc/self/status") as status:
+    print("BENCH", next(line.split()[1] for line in status if line.startswith("VmHWM:")), flush=True)
 """
 
-FLOOR_SCRIPT = """
+FLOOR_SCRIPTS = {
+    "torchscript": """
 import sys, torch
 torch.set_num_threads(1)
 model = torch.jit.load(sys.argv[1], map_location="cpu").eval()
 with torch.inference_mode():
     model(torch.zeros(1, 3, 224, 224))
-"""
+""",
+    "onnx": """
+import sys, numpy, onnxruntime
+options = onnxruntime.SessionOptions()
+options.intra_op_num_threads = 1
+session = onnxruntime.InferenceSession(sys.argv[1], options, providers=["CPUExecutionProvider"])
+session.run(None, {session.get_inputs()[0].name: numpy.zeros((1, 3, 224, 224), numpy.float32)})
+""",
+}
+MODEL_FILES = {"torchscript": "*.pt", "onnx": "*.onnx"}
 
 
-def cold_start(urls: dict[str, str], rounds: int) -> dict[str, float]:
+def cold_start(urls: dict[str, str], rounds: int, backend: str) -> dict[str, float]:
     """Fresh processes, median of ``rounds``: ours from start to first answer, and the floor."""
     events = [json.dumps(proxy_event(json.dumps({"url": urls[size]}))) for size in ("640x480", "4032x3024")]
     ours, floor, rss = [], [], []
     with tempfile.TemporaryDirectory() as scratch:
         with tarfile.open(DEMO_MODEL) as archive:
             archive.extractall(scratch, filter="data")
-        model_file = next(Path(scratch).glob("*.pt"))
+        model_file = next(Path(scratch).glob(MODEL_FILES[backend]))
         for _ in range(rounds):
             with tempfile.TemporaryDirectory() as cache:
                 started = time.monotonic()
                 child = subprocess.Popen(
-                    [sys.executable, "-c", COLD_SCRIPT, *events],
-                    cwd=ROOT, env={**os.environ, "MODEL_CACHE_DIR": cache}, stdout=subprocess.PIPE, text=True,
+                    [sys.executable, "-c", COLD_SCRIPT, *events], cwd=ROOT, stdout=subprocess.PIPE, text=True,
+                    env={**os.environ, "MODEL_CACHE_DIR": cache, "MODEL_BACKEND": BACKENDS[backend]},
                 )  # fmt: skip
                 assert child.stdout is not None
                 # The app logs JSON to stdout too; the script's own lines carry a marker.
@@ -224,7 +245,9 @@ def cold_start(urls: dict[str, str], rounds: int) -> dict[str, float]:
                     raise RuntimeError(f"cold start request answered {status}")
             started = time.monotonic()
             subprocess.run(
-                [sys.executable, "-c", FLOOR_SCRIPT, str(model_file)], check=True, capture_output=True
+                [sys.executable, "-c", FLOOR_SCRIPTS[backend], str(model_file)],
+                check=True,
+                capture_output=True,
             )
             floor.append(time.monotonic() - started)
     return {
@@ -232,6 +255,19 @@ def cold_start(urls: dict[str, str], rounds: int) -> dict[str, float]:
         "floor_s": statistics.median(floor),
         "peak_rss_mib": max(rss) / 2**20,
     }
+
+
+def use_backend(backend: str) -> None:
+    """Switch the app's backend; the next request builds a service for it (a warm-up does)."""
+    os.environ["MODEL_BACKEND"] = BACKENDS[backend]
+
+
+def loaded_model(handler: Lambda, backend: str, url: str) -> LoadedModel:
+    use_backend(backend)
+    handler.classify(url)
+    loaded = get_service().model()
+    assert loaded.classifier.backend == backend, loaded.classifier.backend
+    return loaded
 
 
 def run(rounds: int, requests_per_size: int, naive_per_size: int) -> dict[str, Any]:
@@ -248,23 +284,24 @@ def run(rounds: int, requests_per_size: int, naive_per_size: int) -> dict[str, A
             }
         )
         handler = Lambda()
-        handler.classify(urls["640x480"])
-        loaded = get_service().model()
-        preprocessing, module = loaded.preprocessing, loaded.classifier
+        # Each backend's classifier stays loaded here for the forward-only timings.
+        models = {backend: loaded_model(handler, backend, urls["640x480"]) for backend in BACKENDS}
+        preprocessing = models["torchscript"].preprocessing
+        files = models["torchscript"].files
+        assert files.torchscript_path is not None
         default_threads = os.cpu_count() or 1
-        naive = Naive(loaded.files.model_path, loaded.files.classes, preprocessing)
-        ready = torch.from_numpy(
-            to_model_input(decode_image(images["640x480"], max_pixels=10**9), preprocessing)
-        )
+        naive = Naive(files.torchscript_path, files.classes, preprocessing)
+        ready = to_model_input(decode_image(images["640x480"], max_pixels=10**9), preprocessing)
 
         per_round: list[dict[str, float]] = []
-        latencies: dict[str, list[float]] = {size: [] for size in SIZES}
+        latencies: dict[str, list[float]] = {f"{b} {size}": [] for b in BACKENDS for size in SIZES}
         for _ in range(rounds):
             result: dict[str, float] = {}
             torch.set_num_threads(1)
-            result["forward"] = statistics.median(
-                timed(lambda: module.predict([ready.numpy()]), requests_per_size)
-            )
+            for backend, loaded in models.items():
+                result[f"forward {backend}"] = statistics.median(
+                    timed(lambda c=loaded.classifier: c.scores([ready]), requests_per_size)
+                )
             for size, data in images.items():
                 result[f"parts {size}"] = statistics.median(
                     timed(
@@ -275,9 +312,12 @@ def run(rounds: int, requests_per_size: int, naive_per_size: int) -> dict[str, A
                         requests_per_size,
                     )
                 )
-                samples = timed(lambda size=size: handler.classify(urls[size]), requests_per_size)
-                latencies[size] += samples
-                result[f"e2e {size}"] = statistics.median(samples)
+            for backend in BACKENDS:
+                use_backend(backend)
+                for size in SIZES:
+                    samples = timed(lambda size=size: handler.classify(urls[size]), requests_per_size)
+                    latencies[f"{backend} {size}"] += samples
+                    result[f"e2e {backend} {size}"] = statistics.median(samples)
             torch.set_num_threads(default_threads)
             for size in SIZES:
                 result[f"naive {size}"] = statistics.median(
@@ -286,11 +326,15 @@ def run(rounds: int, requests_per_size: int, naive_per_size: int) -> dict[str, A
             torch.set_num_threads(1)
             per_round.append(result)
 
-        with cpu_burner():
-            busy = timed(lambda: handler.classify(urls["640x480"]), requests_per_size)
-        experiments = forward_experiments(loaded.files.model_path, ready, EXPERIMENT_REPEATS)
-        accuracy = accuracy_check(naive, handler, preprocessing)
-        cold = cold_start(urls, rounds)
+        busy = {}
+        for backend in BACKENDS:
+            use_backend(backend)
+            handler.classify(urls["640x480"])  # builds this backend's service before the burner starts
+            with cpu_burner():
+                busy[backend] = timed(lambda: handler.classify(urls["640x480"]), requests_per_size)
+        experiments = forward_experiments(files.torchscript_path, torch.from_numpy(ready), EXPERIMENT_REPEATS)
+        accuracy = accuracy_check(naive, models["torchscript"])
+        cold = {backend: cold_start(urls, rounds, backend) for backend in BACKENDS}
     return summarize(
         per_round=per_round,
         latencies=latencies,
@@ -329,22 +373,20 @@ def forward_experiments(model_path: Path, ready: torch.Tensor, count: int) -> di
     return results
 
 
-def accuracy_check(naive: Naive, handler: Lambda, preprocessing: Any) -> dict[str, Any]:
-    """Our draft-decoded 12 MP path against a full decode through torchvision."""
+def accuracy_check(naive: Naive, ours: LoadedModel) -> dict[str, Any]:
+    """Our draft-decoded 12 MP path against a full decode through torchvision, on the same model."""
     worst, same_top1 = 0.0, True
-    classes = naive._classes
+    preprocessing = ours.preprocessing
     for name in ACCURACY_PHOTOS:
         data = jpeg_of(name, SIZES["4032x3024"])
         with torch.inference_mode():
-            reference = naive.probabilities(data)
+            reference = naive.probabilities(data).numpy()
         ours_input = to_model_input(
             decode_image(data, max_pixels=10**9, min_short_side=preprocessing.resize), preprocessing
         )
-        with torch.inference_mode():
-            ours = torch.softmax(get_service().model().classifier._module(
-                torch.from_numpy(ours_input).unsqueeze(0)), dim=1)[0]  # fmt: skip
-        worst = max(worst, float((reference - ours).abs().max()))
-        same_top1 &= classes[int(reference.argmax())] == classes[int(ours.argmax())]
+        probabilities = softmax(ours.classifier.scores([ours_input]))[0]
+        worst = max(worst, float(abs(reference - probabilities).max()))
+        same_top1 &= int(reference.argmax()) == int(probabilities.argmax())
     assert preprocessing.interpolation in INTERPOLATIONS
     return {"photos": list(ACCURACY_PHOTOS), "top1_unchanged": same_top1, "max_probability_change": worst}
 
@@ -353,10 +395,10 @@ def summarize(
     *,
     per_round: list[dict[str, float]],
     latencies: dict[str, list[float]],
-    busy: list[float],
+    busy: dict[str, list[float]],
     experiments: dict[str, float],
     accuracy: dict[str, Any],
-    cold: dict[str, float],
+    cold: dict[str, dict[str, float]],
 ) -> dict[str, Any]:
     def median_of(key: str) -> float:
         return statistics.median(r[key] for r in per_round)
@@ -366,33 +408,42 @@ def summarize(
 
     config = json.loads((ROOT / ".chalice" / "config.json").read_text())
     memory_mb = config["stages"]["prod"]["lambda_memory_size"]
-    sizes = {}
+    sizes: dict[str, dict[str, Any]] = {}
     for size in SIZES:
-        p50 = median_of(f"e2e {size}")
         sizes[size] = {
-            "e2e_p50_ms": p50 * 1000,
-            "e2e_p90_ms": percentile(latencies[size], 0.90) * 1000,
-            "e2e_p99_ms": percentile(latencies[size], 0.99) * 1000,
-            "parts_p50_ms": (median_of(f"parts {size}") + median_of("forward")) * 1000,
+            "parts_p50_ms": median_of(f"parts {size}") * 1000,
             "naive_p50_ms": median_of(f"naive {size}") * 1000,
-            "e2e_over_parts": ratio_of(f"e2e {size}", lambda r, s=size: r[f"parts {s}"] + r["forward"]),
-            "e2e_over_naive": ratio_of(f"e2e {size}", lambda r, s=size: r[f"naive {s}"]),
-            "cost_per_million_usd": memory_mb / 1024 * p50 * PRICE_PER_GB_SECOND * 1e6,
+            "onnx_over_torchscript": ratio_of(
+                f"e2e onnx {size}", lambda r, s=size: r[f"e2e torchscript {s}"]
+            ),
         }
-    busy_p50, busy_p99 = percentile(busy, 0.5), percentile(busy, 0.99)
+        for backend in BACKENDS:
+            e2e, forward = f"e2e {backend} {size}", f"forward {backend}"
+            p50 = median_of(e2e)
+            sizes[size][backend] = {
+                "e2e_p50_ms": p50 * 1000,
+                "e2e_p90_ms": percentile(latencies[f"{backend} {size}"], 0.90) * 1000,
+                "e2e_p99_ms": percentile(latencies[f"{backend} {size}"], 0.99) * 1000,
+                "e2e_over_parts": ratio_of(e2e, lambda r, s=size, f=forward: r[f"parts {s}"] + r[f]),
+                "e2e_over_naive": ratio_of(e2e, lambda r, s=size: r[f"naive {s}"]),
+                "cost_per_million_usd": memory_mb / 1024 * p50 * PRICE_PER_GB_SECOND * 1e6,
+            }
+    busy_summary = {}
+    for backend, samples in busy.items():
+        p50, p99 = percentile(samples, 0.5), percentile(samples, 0.99)
+        busy_summary[backend] = {"p50_ms": p50 * 1000, "p99_ms": p99 * 1000, "p99_over_p50": p99 / p50}
     return {
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-        f"torch {torch.__version__}",
+        f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}",
         "rounds": len(per_round),
-        "forward_p50_ms": median_of("forward") * 1000,
+        "forward_p50_ms": {backend: median_of(f"forward {backend}") * 1000 for backend in BACKENDS},
         "sizes": sizes,
-        "busy_other_core": {
-            "p50_ms": busy_p50 * 1000,
-            "p99_ms": busy_p99 * 1000,
-            "p99_over_p50": busy_p99 / busy_p50,
+        "busy_other_core": busy_summary,
+        "cold_start": {
+            backend: {**values, "over_floor": values["cold_start_s"] / values["floor_s"]}
+            for backend, values in cold.items()
         },
-        "cold_start": {**cold, "over_floor": cold["cold_start_s"] / cold["floor_s"]},
         "lambda_memory_mb": memory_mb,
         "accuracy_at_4032x3024": accuracy,
         "forward_experiments_ms": {k: v * 1000 for k, v in experiments.items()},
@@ -402,42 +453,70 @@ def summarize(
 def targets(result: dict[str, Any]) -> list[tuple[str, float, float, bool]]:
     sizes = result["sizes"]
     rows = [
-        ("e2e / (decode+preprocess+forward), 640x480", sizes["640x480"]["e2e_over_parts"], 1.35),
-        ("e2e / (decode+preprocess+forward), 4032x3024", sizes["4032x3024"]["e2e_over_parts"], 1.35),
-        ("e2e / naive, 4032x3024", sizes["4032x3024"]["e2e_over_naive"], 0.6),
-        ("e2e / naive, 640x480", sizes["640x480"]["e2e_over_naive"], 0.85),
-        ("cold start / bare floor", result["cold_start"]["over_floor"], 1.3),
-        ("p99 / p50, other core busy", result["busy_other_core"]["p99_over_p50"], 3.0),
+        ("ONNX e2e p50 / TorchScript e2e p50, 640x480", sizes["640x480"]["onnx_over_torchscript"], 0.5),
+    ]
+    for backend in BACKENDS:
+        rows += [
+            (
+                f"{backend}: e2e / (decode+preprocess+forward), {size}",
+                sizes[size][backend]["e2e_over_parts"],
+                1.35,
+            )
+            for size in ("640x480", "4032x3024")
+        ]
+        rows += [
+            (f"{backend}: e2e / naive, 4032x3024", sizes["4032x3024"][backend]["e2e_over_naive"], 0.6),
+            (f"{backend}: e2e / naive, 640x480", sizes["640x480"][backend]["e2e_over_naive"], 0.85),
+            (
+                f"{backend}: p99 / p50, other core busy",
+                result["busy_other_core"][backend]["p99_over_p50"],
+                3.0,
+            ),
+        ]
+    # ONNX's bare floor (import onnxruntime, one run) is a fraction of a second, less than
+    # importing boto3 and downloading the archive, so its ratio says little; both are printed.
+    rows.append(
+        ("torchscript: cold start / bare floor", result["cold_start"]["torchscript"]["over_floor"], 1.3)
+    )
+    rows.append(
         (
             "max probability change, draft decode",
             result["accuracy_at_4032x3024"]["max_probability_change"],
             0.02,
-        ),
-    ]
+        )
+    )
     return [(name, value, limit, value <= limit) for name, value, limit in rows]
 
 
 def print_table(result: dict[str, Any]) -> None:
-    rounds, forward = result["rounds"], result["forward_p50_ms"]
-    print(f"\n{result['machine']}; median of {rounds} rounds; forward p50 {forward:.1f} ms")
-    print(f"\n{'size':10} {'e2e p50':>8} {'p90':>7} {'p99':>7} {'parts':>7} {'naive':>7} {'$/1M':>6}  (ms)")
-    for size, row in result["sizes"].items():
-        print(
-            f"{size:10} {row['e2e_p50_ms']:8.1f} {row['e2e_p90_ms']:7.1f} {row['e2e_p99_ms']:7.1f} "
-            f"{row['parts_p50_ms']:7.1f} {row['naive_p50_ms']:7.1f} {row['cost_per_million_usd']:6.2f}"
-        )
-    cold = result["cold_start"]
+    forward = ", ".join(f"{b} {ms:.1f} ms" for b, ms in result["forward_p50_ms"].items())
+    print(f"\n{result['machine']}; median of {result['rounds']} rounds; forward p50 {forward}")
     print(
-        f"\ncold start {cold['cold_start_s']:.2f} s, bare floor {cold['floor_s']:.2f} s; "
-        f"peak RSS {cold['peak_rss_mib']:.0f} MiB; Lambda {result['lambda_memory_mb']} MB "
-        f"(+ ${PRICE_PER_MILLION_REQUESTS:.2f}/1M requests)"
+        f"\n{'size':10} {'backend':12} {'e2e p50':>8} {'p90':>7} {'p99':>7} {'parts':>7} {'naive':>7} "
+        f"{'$/1M':>6}  (ms)"
     )
+    for size, row in result["sizes"].items():
+        for backend in BACKENDS:
+            own = row[backend]
+            parts = row["parts_p50_ms"] + result["forward_p50_ms"][backend]
+            print(
+                f"{size:10} {backend:12} {own['e2e_p50_ms']:8.1f} {own['e2e_p90_ms']:7.1f} "
+                f"{own['e2e_p99_ms']:7.1f} {parts:7.1f} {row['naive_p50_ms']:7.1f} "
+                f"{own['cost_per_million_usd']:6.2f}"
+            )
+    for backend, cold in result["cold_start"].items():
+        print(
+            f"\n{backend}: cold start {cold['cold_start_s']:.2f} s, bare floor {cold['floor_s']:.2f} s; "
+            f"peak RSS {cold['peak_rss_mib']:.0f} MiB",
+            end="",
+        )
+    print(f"\nLambda {result['lambda_memory_mb']} MB (+ ${PRICE_PER_MILLION_REQUESTS:.2f}/1M requests)")
     accuracy = result["accuracy_at_4032x3024"]
     print(f"draft decode at 4032x3024: top-1 unchanged {accuracy['top1_unchanged']} on {accuracy['photos']}")
-    print(f"\n{'target':48} {'value':>7} {'limit':>6}")
+    print(f"\n{'target':58} {'value':>7} {'limit':>6}")
     for name, value, limit, met in targets(result):
-        print(f"{name:48} {value:7.3f} {limit:6.2f}  {'met' if met else 'MISSED'}")
-    print("\nforward experiments (p50 ms unless marked):")
+        print(f"{name:58} {value:7.3f} {limit:6.2f}  {'met' if met else 'MISSED'}")
+    print("\nforward experiments, TorchScript (p50 ms unless marked):")
     for name, value in result["forward_experiments_ms"].items():
         print(f"  {name:60} {value:7.1f}")
 

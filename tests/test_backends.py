@@ -75,24 +75,6 @@ def test_the_setting_and_the_archive_pick_the_backend(
     assert client.http.get("/model").json_body["backend"] == backend
 
 
-@pytest.mark.parametrize(
-    ("archive", "setting", "cause"),
-    [
-        ("torchscript", "onnx", "MODEL_BACKEND is 'onnx' but the model archive has no model.onnx"),
-        ("onnx", "torch", "The model archive has only model.onnx, but MODEL_BACKEND is 'torch'"),
-    ],
-)
-def test_a_forced_backend_without_its_file_is_503_saying_so(
-    client: Client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, archive: str, setting: str, cause: str
-) -> None:
-    _serve(archive, setting, tmp_path, monkeypatch)
-
-    status, code, message = error_of(_classify_colours(client, (255, 0, 0)))
-
-    assert (status, code) == (503, "ModelUnavailable")
-    assert cause in message
-
-
 def _without_onnxruntime(monkeypatch: pytest.MonkeyPatch) -> None:
     """Make this process look like the TorchScript deployment, which ships no onnxruntime.
 
@@ -113,16 +95,25 @@ def test_auto_without_onnxruntime_serves_the_torchscript_file(
 
 
 @pytest.mark.parametrize(
-    ("archive", "setting", "cause"),
+    ("archive", "setting", "onnxruntime", "cause"),
     [
-        ("onnx", "auto", "has only model.onnx, but onnxruntime is not installed here"),
-        ("both", "onnx", "onnxruntime cannot be imported"),
+        ("torchscript", "onnx", True, "MODEL_BACKEND is 'onnx' but the model archive has no model.onnx"),
+        ("onnx", "torch", True, "The model archive has only model.onnx, but MODEL_BACKEND is 'torch'"),
+        ("onnx", "auto", False, "has only model.onnx, but onnxruntime is not installed here"),
+        ("both", "onnx", False, "onnxruntime cannot be imported"),
     ],
 )
-def test_onnx_without_onnxruntime_is_503_saying_so(
-    client: Client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, archive: str, setting: str, cause: str
+def test_a_backend_that_cannot_run_is_503_saying_why(
+    client: Client,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    archive: str,
+    setting: str,
+    onnxruntime: bool,
+    cause: str,
 ) -> None:
-    _without_onnxruntime(monkeypatch)
+    if not onnxruntime:
+        _without_onnxruntime(monkeypatch)
     _serve(archive, setting, tmp_path, monkeypatch)
 
     status, code, message = error_of(_classify_colours(client, (255, 0, 0)))

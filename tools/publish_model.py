@@ -8,8 +8,10 @@ load on the CPU, run on a dummy input of the manifest's crop size, and have
 exactly one output per line of ``classes.txt``.
 
 With ``--onnx`` it also exports ``model.onnx`` next to the TorchScript file
-(the service's fast backend), and publishes only if the two agree on random
-inputs and real photographs (scikit-image's, plus any ``--check-image``).
+(the service's fast backend): from the module through ``torch.export`` when
+given ``--module`` (the faster graph), else from the TorchScript file. It
+publishes only if the two agree on random inputs and real photographs
+(scikit-image's, plus any ``--check-image``).
 
 Example::
 
@@ -39,16 +41,26 @@ from chalicelib.imaging import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, Prep
 from chalicelib.model_store import parse_classes
 from chalicelib.torchscript_backend import load_classifier
 from tools.model_archive import write_archive
-from tools.onnx_export import ONNX_FILENAME, ExportRefused, check_agreement, export_onnx, sample_photos
+from tools.onnx_export import (
+    ONNX_FILENAME,
+    ExportRefused,
+    check_agreement,
+    export_module,
+    export_torchscript,
+    sample_photos,
+)
 
 
-def torchscript_from_module(factory: str, checkpoint: Path | None, crop: int, trace: bool) -> bytes:
-    """Build ``package.module:callable``, load its weights, script or trace it."""
+def module_from_factory(factory: str, checkpoint: Path | None) -> torch.nn.Module:
+    """Build ``package.module:callable`` and load its weights."""
     module_name, _, attribute = factory.partition(":")
     model = getattr(importlib.import_module(module_name), attribute)()
     if checkpoint is not None:
         model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
-    model.eval()
+    return model.eval()
+
+
+def torchscript_of(model: torch.nn.Module, crop: int, trace: bool) -> bytes:
     example = torch.zeros(1, 3, crop, crop)
     with torch.no_grad():
         scripted = torch.jit.trace(model, example) if trace else torch.jit.script(model)
@@ -114,15 +126,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         preprocessing = Preprocessing.from_manifest(manifest)
         classes = parse_classes(args.classes.read_bytes())
-        if args.torchscript is not None:
+        eager = None if args.module is None else module_from_factory(args.module, args.checkpoint)
+        if eager is None:
             model_filename, model_bytes = args.torchscript.name, args.torchscript.read_bytes()
         else:
-            model_filename = f"{args.name}.pt"
-            model_bytes = torchscript_from_module(args.module, args.checkpoint, args.crop, args.trace)
+            model_filename, model_bytes = f"{args.name}.pt", torchscript_of(eager, args.crop, args.trace)
         validate(model_bytes, model_filename, classes, preprocessing)
         models = {model_filename: model_bytes}
         if args.onnx:
-            models[ONNX_FILENAME] = export_onnx(model_bytes, preprocessing.crop)
+            models[ONNX_FILENAME] = (
+                export_torchscript(model_bytes, preprocessing.crop)
+                if eager is None
+                else export_module(eager, preprocessing.crop)
+            )
             photos = sample_photos() + [path.read_bytes() for path in args.check_image]
             agreement = check_agreement(model_bytes, models[ONNX_FILENAME], classes, preprocessing, photos)
             print(

@@ -9,7 +9,7 @@ import onnx
 import torch
 from PIL import Image
 
-from tools.onnx_export import export_onnx
+from tools.onnx_export import export_torchscript
 
 # Three outputs that are simply the mean of each normalised channel: a red
 # image scores highest on "red", and so on. Small enough to build in a test,
@@ -30,10 +30,19 @@ class NoisyColour(torch.nn.Module):
 
 
 class FourierColour(torch.nn.Module):
-    """Uses an operator (``fft_rfft``) torch's ONNX exporter does not support."""
+    """Uses an operator (``fft_rfft``) the TorchScript-based ONNX exporter does not support."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.fft.rfft(x.mean(dim=(2, 3)), n=4).abs()[:, :3]
+
+
+class BranchyColour(torch.nn.Module):
+    """Branches on the data: TorchScript keeps both branches, ``torch.export`` cannot."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if bool(x.mean() > 0):
+            return x.mean(dim=(2, 3)) * 10.0
+        return x.mean(dim=(2, 3)) * -10.0
 
 
 def traced_colour_model() -> bytes:
@@ -47,7 +56,7 @@ def traced_colour_model() -> bytes:
 def onnx_colour_model(*, fixed_batch: bool = False) -> bytes:
     """The colour model exported as ``publish_model --onnx`` does; or with batch fixed at 1,
     as exporters leave it when not told the batch axis is dynamic."""
-    exported = export_onnx(traced_colour_model(), crop=224)
+    exported = export_torchscript(traced_colour_model(), crop=224)
     if not fixed_batch:
         return exported
     model = onnx.load_from_string(exported)

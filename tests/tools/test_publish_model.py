@@ -12,6 +12,7 @@ from tests.conftest import MODEL_BUCKET
 from tests.support.api import label_of
 from tests.support.archives import (
     COLOUR_CLASSES,
+    BranchyColour,
     FourierColour,
     MeanColour,
     NoisyColour,
@@ -157,21 +158,41 @@ def test_onnx_flag_publishes_both_formats_and_the_service_runs_onnx(
 
 
 @pytest.mark.parametrize(
-    ("module", "cause"),
+    ("module", "source", "cause"),
     [
-        (NoisyColour, "probabilities differ by up to"),
-        (FourierColour, "torch cannot export this model to ONNX"),
+        (NoisyColour, "--module", r"probabilities differ by up to"),
+        (
+            BranchyColour,
+            "--module",
+            r"torch cannot export this model to ONNX \(Failed to export the model with torch\.export",
+        ),
+        (
+            FourierColour,
+            "--torchscript",
+            r"torch cannot export this model to ONNX \(Exporting the operator 'aten::fft_rfft'",
+        ),
     ],
 )
 def test_an_onnx_export_that_does_not_match_is_not_published(
-    s3_server: MotoS3Server, s3: object, tmp_path: Path, classes_file: Path, module: type, cause: str
+    s3_server: MotoS3Server,
+    s3: object,
+    tmp_path: Path,
+    classes_file: Path,
+    module: type[torch.nn.Module],
+    source: str,
+    cause: str,
 ) -> None:
     key = f"published/{module.__name__}/model.tar.gz"
+    if source == "--module":
+        given = f"{module.__module__}:{module.__name__}"
+    else:
+        given = str(tmp_path / "model.pt")
+        torch.jit.save(torch.jit.script(module()), given)
 
     with pytest.raises(SystemExit, match=cause):
         publish(
             [
-                "--module", f"{module.__module__}:{module.__name__}", "--onnx",
+                source, given, "--onnx",
                 "--classes", str(classes_file), "--output", str(tmp_path / "m.tar.gz"),
                 "--s3", f"s3://{MODEL_BUCKET}/{key}", "--endpoint-url", s3_server.endpoint,
             ]
