@@ -17,7 +17,7 @@ import numpy as np
 import onnxruntime
 
 from chalicelib.errors import ModelUnavailable
-from chalicelib.prediction import Classifier, check_output_width, first_line, nhwc_batch
+from chalicelib.prediction import Classifier, first_line, nhwc_batch
 
 BACKEND = "onnx"
 FIRST_RELEASE_FOR_NUMPY_2 = (1, 19)
@@ -40,19 +40,27 @@ _refuse_numpy_mismatch()
 
 class OnnxClassifier(Classifier):
     backend = BACKEND
+    runtime_errors = (Exception,)  # onnxruntime's errors derive from Exception itself
 
     def __init__(self, session: onnxruntime.InferenceSession, classes: tuple[str, ...]) -> None:
         super().__init__(classes)
         self._session = session
+        (model_input,) = session.get_inputs()
+        self._input_name = model_input.name
+        # The scores are the first output; exporters sometimes add auxiliary ones after it.
+        self._output_names = [session.get_outputs()[0].name]
         # An exporter that was not told the batch axis is dynamic fixes it at 1;
         # such a model still serves batches, one image per run.
-        self._one_at_a_time = session.get_inputs()[0].shape[0] == 1
+        self._one_at_a_time = model_input.shape[0] == 1
 
     def scores(self, inputs: Sequence[np.ndarray]) -> np.ndarray:
         nchw = np.ascontiguousarray(nhwc_batch(inputs).transpose(0, 3, 1, 2))
         if self._one_at_a_time and len(nchw) > 1:
-            return np.concatenate([_first_output(self._session, image[None]) for image in nchw])
-        return _first_output(self._session, nchw)
+            return np.concatenate([self._run(image[None]) for image in nchw])
+        return self._run(nchw)
+
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        return self._session.run(self._output_names, {self._input_name: batch})[0]
 
 
 def load_classifier(
@@ -73,8 +81,9 @@ def load_classifier(
             f"{model_path.name} is not a loadable ONNX model ({first_line(error)})."
         ) from error
     _check_signature(session, model_path.name)
-    _check_output_width(session, len(classes), input_size)
-    return OnnxClassifier(session, classes)
+    classifier = OnnxClassifier(session, classes)
+    classifier.check_against_classes(input_size)
+    return classifier
 
 
 def _check_signature(session: onnxruntime.InferenceSession, filename: str) -> None:
@@ -89,20 +98,3 @@ def _check_signature(session: onnxruntime.InferenceSession, filename: str) -> No
         raise ModelUnavailable(
             f"{filename} has its batch axis fixed at {batch_axis}; export it with a dynamic batch axis."
         )
-
-
-def _first_output(session: onnxruntime.InferenceSession, batch: np.ndarray) -> np.ndarray:
-    """The scores: a model's first output (exporters sometimes add auxiliary ones after it)."""
-    return session.run([session.get_outputs()[0].name], {session.get_inputs()[0].name: batch})[0]
-
-
-def _check_output_width(session: onnxruntime.InferenceSession, class_count: int, input_size: int) -> None:
-    dummy = np.zeros((1, 3, input_size, input_size), dtype=np.float32)
-    try:
-        output = _first_output(session, dummy)
-    except Exception as error:  # onnxruntime's errors derive from Exception itself
-        raise ModelUnavailable(
-            f"The model fails on a 1x3x{input_size}x{input_size} input ({first_line(error)}); "
-            "check the manifest's crop size."
-        ) from error
-    check_output_width(tuple(output.shape), class_count)

@@ -28,9 +28,39 @@ class Classifier(ABC):
     """A loaded model, whichever runtime runs it: a backend implements ``scores``."""
 
     backend: str
+    # What the runtime raises when the model cannot run an input.
+    runtime_errors: tuple[type[Exception], ...] = (RuntimeError,)
 
     def __init__(self, classes: tuple[str, ...]) -> None:
         self.classes = classes
+
+    def check_against_classes(self, input_size: int) -> None:
+        """Run one dummy input at load: the model must score every class in classes.txt.
+
+        A mismatched archive then fails at load with both numbers named,
+        instead of answering with a wrong label later; the pass also warms the
+        model up on the layout requests use.
+        """
+        # A CHW view of channels-last memory, which is what imaging hands over.
+        dummy = np.zeros((input_size, input_size, 3), dtype=np.float32).transpose(2, 0, 1)
+        try:
+            scores = self.scores([dummy])
+        except ModelUnavailable:
+            raise
+        except self.runtime_errors as error:
+            raise ModelUnavailable(
+                f"The model fails on a 1x3x{input_size}x{input_size} input ({first_line(error)}); "
+                "check the manifest's crop size."
+            ) from error
+        if scores.ndim != 2:
+            raise ModelUnavailable(
+                f"The model must return a (batch, classes) array of scores; it returned shape {scores.shape}."
+            )
+        if scores.shape[1] != len(self.classes):
+            raise ModelUnavailable(
+                f"The model has {scores.shape[1]} outputs but classes.txt lists {len(self.classes)} "
+                "classes; they must match."
+            )
 
     @abstractmethod
     def scores(self, inputs: Sequence[np.ndarray]) -> np.ndarray:
@@ -67,22 +97,6 @@ def top_predictions(scores: np.ndarray, classes: tuple[str, ...], top_k: int) ->
         [Prediction(label=classes[int(index)], confidence=float(row[index])) for index in indices]
         for row, indices in zip(probabilities, best, strict=True)
     ]
-
-
-def check_output_width(shape: tuple[int, ...], class_count: int) -> None:
-    """A model must score every class in classes.txt, no more and no fewer.
-
-    Checked at load on a dummy input, so a mismatched archive fails with both
-    numbers named instead of answering with a wrong label later.
-    """
-    if len(shape) != 2:
-        raise ModelUnavailable(
-            f"The model must return a (batch, classes) array of scores; it returned shape {shape}."
-        )
-    if shape[1] != class_count:
-        raise ModelUnavailable(
-            f"The model has {shape[1]} outputs but classes.txt lists {class_count} classes; they must match."
-        )
 
 
 def first_line(error: BaseException) -> str:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from chalicelib.errors import ModelUnavailable
-from chalicelib.prediction import Classifier, check_output_width, first_line, nhwc_batch
+from chalicelib.prediction import Classifier, first_line, nhwc_batch
 
 BACKEND = "torchscript"
 
@@ -33,7 +33,13 @@ class TorchScriptClassifier(Classifier):
         # The NHWC batch seen as NCHW is exactly torch's channels-last layout: no copy.
         batch = torch.from_numpy(nhwc_batch(inputs)).permute(0, 3, 1, 2)
         with torch.inference_mode():
-            return self._module(batch).numpy()
+            output = self._module(batch)
+        if not isinstance(output, torch.Tensor):
+            raise ModelUnavailable(
+                "The model must return a (batch, classes) tensor of scores; "
+                f"it returned {type(output).__name__}."
+            )
+        return output.numpy()
 
 
 def load_classifier(
@@ -51,9 +57,9 @@ def load_classifier(
             f"{model_path.name} is not a loadable TorchScript model ({first_line(error)})."
         ) from error
     module.eval()
-    frozen = _frozen(module)
-    _check_output_width(frozen, len(classes), input_size)
-    return TorchScriptClassifier(frozen, classes)
+    classifier = TorchScriptClassifier(_frozen(module), classes)
+    classifier.check_against_classes(input_size)
+    return classifier
 
 
 def _set_thread_count(threads: int) -> None:
@@ -72,21 +78,3 @@ def _frozen(module: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
         return torch.jit.freeze(module)
     except RuntimeError:
         return module
-
-
-def _check_output_width(module: torch.jit.ScriptModule, class_count: int, input_size: int) -> None:
-    # Channels-last like real inputs, so this pass also warms up the path requests take.
-    dummy = torch.zeros(1, 3, input_size, input_size).contiguous(memory_format=torch.channels_last)
-    try:
-        with torch.inference_mode():
-            output = module(dummy)
-    except RuntimeError as error:
-        raise ModelUnavailable(
-            f"The model fails on a 1x3x{input_size}x{input_size} input ({first_line(error)}); "
-            "check the manifest's crop size."
-        ) from error
-    if not isinstance(output, torch.Tensor):
-        raise ModelUnavailable(
-            f"The model must return a (batch, classes) tensor of scores; it returned {type(output).__name__}."
-        )
-    check_output_width(tuple(output.shape), class_count)

@@ -24,8 +24,11 @@ from tests.conftest import MODEL_BUCKET
 from tests.support.api import classify, error_of
 from tests.support.archives import (
     COLOUR_CLASSES,
+    PairOfScores,
+    ScoresPerRow,
     fastai_archive,
     onnx_colour_model,
+    scripted,
     tar_gz,
     traced_colour_model,
 )
@@ -58,6 +61,14 @@ BAD_ARCHIVES = {
         "a.onnx, b.onnx",
     ),
     "class-count-mismatch": (fastai_archive(classes=("cat", "dog")), "3 outputs but classes.txt lists 2"),
+    "tuple-output": (
+        tar_gz({"model.pt": scripted(PairOfScores()), "classes.txt": _classes()}),
+        "must return a (batch, classes) tensor of scores; it returned tuple",
+    ),
+    "three-dimensional-output": (
+        tar_gz({"model.pt": scripted(ScoresPerRow()), "classes.txt": _classes()}),
+        "must return a (batch, classes) array of scores; it returned shape (1, 3, 224)",
+    ),
     "onnx-class-count-mismatch": (
         tar_gz({"model.onnx": onnx_colour_model(), "classes.txt": b"cat\ndog\n"}),
         "3 outputs but classes.txt lists 2",

@@ -45,6 +45,26 @@ class BranchyColour(torch.nn.Module):
         return x.mean(dim=(2, 3)) * -10.0
 
 
+class PairOfScores(torch.nn.Module):
+    """Returns a tuple, not a tensor of scores."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x.mean(dim=(2, 3)), x.mean(dim=(2, 3))
+
+
+class ScoresPerRow(torch.nn.Module):
+    """Returns (batch, classes, rows): one dimension too many."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=3)
+
+
+def scripted(module: torch.nn.Module) -> bytes:
+    buffer = io.BytesIO()
+    torch.jit.save(torch.jit.script(module.eval()), buffer)
+    return buffer.getvalue()
+
+
 def traced_colour_model() -> bytes:
     """A traced model saved the way the fast.ai tutorial saves ``resnet50_jit.pth``."""
     traced = torch.jit.trace(MeanColour().eval(), torch.ones(1, 3, 224, 224))
