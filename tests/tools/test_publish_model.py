@@ -37,6 +37,24 @@ def blue_image_url(image_server: RoutedHTTPServer) -> str:
     return image_server.url("/publish/blue.png")
 
 
+def publish_to(s3_server: MotoS3Server, tmp_path: Path, key: str, *arguments: str) -> None:
+    """Run the tool as a user would, uploading to moto S3 at ``key`` via tmp_path/m.tar.gz."""
+    publish(
+        [
+            *arguments, "--output", str(tmp_path / "m.tar.gz"),
+            "--s3", f"s3://{MODEL_BUCKET}/{key}", "--endpoint-url", s3_server.endpoint,
+        ]
+    )  # fmt: skip
+
+
+def assert_nothing_published(s3: object, tmp_path: Path, key: str) -> None:
+    """No archive written, and nothing at all in the key's S3 folder."""
+    assert not (tmp_path / "m.tar.gz").exists()
+    folder = key.rpartition("/")[0] + "/"
+    listed = s3.list_objects_v2(Bucket=MODEL_BUCKET, Prefix=folder)  # type: ignore[attr-defined]
+    assert listed.get("KeyCount", 0) == 0
+
+
 def serve_from(monkeypatch: pytest.MonkeyPatch, key: str) -> None:
     monkeypatch.setenv("MODEL_BUCKET", MODEL_BUCKET)
     monkeypatch.setenv("MODEL_KEY", key)
@@ -56,12 +74,9 @@ def test_a_torchscript_file_round_trips_through_s3_and_the_service(
     model.write_bytes(traced_colour_model())
     key = "published/torchscript/model.tar.gz"
 
-    publish(
-        [
-            "--torchscript", str(model), "--classes", str(classes_file),
-            "--output", str(tmp_path / "m.tar.gz"),
-            "--s3", f"s3://{MODEL_BUCKET}/{key}", "--endpoint-url", s3_server.endpoint,
-        ]
+    publish_to(
+        s3_server, tmp_path, key,
+        "--torchscript", str(model), "--classes", str(classes_file),
     )  # fmt: skip
     printed = capsys.readouterr().out
     serve_from(monkeypatch, key)
@@ -88,13 +103,10 @@ def test_a_module_and_checkpoint_are_scripted_or_traced(
     key = f"published/{mode}/model.tar.gz"
     factory = f"{MeanColour.__module__}:{MeanColour.__name__}"
 
-    publish(
-        [
-            "--module", factory, "--checkpoint", str(checkpoint), *(["--trace"] if mode == "trace" else []),
-            "--classes", str(classes_file), "--resize", "160", "--crop", "128",
-            "--output", str(tmp_path / "m.tar.gz"),
-            "--s3", f"s3://{MODEL_BUCKET}/{key}", "--endpoint-url", s3_server.endpoint,
-        ]
+    publish_to(
+        s3_server, tmp_path, key,
+        "--module", factory, "--checkpoint", str(checkpoint), *(["--trace"] if mode == "trace" else []),
+        "--classes", str(classes_file), "--resize", "160", "--crop", "128",
     )  # fmt: skip
     serve_from(monkeypatch, key)
 
@@ -111,17 +123,12 @@ def test_a_model_that_does_not_match_its_classes_is_not_published(
     key = "published/mismatch/model.tar.gz"
 
     with pytest.raises(SystemExit, match=r"3 outputs but classes\.txt lists 2"):
-        publish(
-            [
-                "--torchscript", str(model), "--classes", str(two_classes),
-                "--output", str(tmp_path / "m.tar.gz"),
-                "--s3", f"s3://{MODEL_BUCKET}/{key}", "--endpoint-url", s3_server.endpoint,
-            ]
+        publish_to(
+            s3_server, tmp_path, key,
+            "--torchscript", str(model), "--classes", str(two_classes),
         )  # fmt: skip
 
-    assert not (tmp_path / "m.tar.gz").exists()
-    listed = s3.list_objects_v2(Bucket=MODEL_BUCKET, Prefix="published/mismatch/")  # type: ignore[attr-defined]
-    assert listed.get("KeyCount", 0) == 0
+    assert_nothing_published(s3, tmp_path, key)
 
 
 @pytest.mark.usefixtures("cache_dir")
@@ -138,13 +145,10 @@ def test_onnx_flag_publishes_both_formats_and_the_service_runs_onnx(
     model.write_bytes(traced_colour_model())
     key = "published/onnx/model.tar.gz"
 
-    publish(
-        [
-            "--torchscript", str(model), "--classes", str(classes_file), "--onnx",
-            "--check-image", str(_saved(tmp_path / "red.png", (250, 5, 5))),
-            "--output", str(tmp_path / "m.tar.gz"),
-            "--s3", f"s3://{MODEL_BUCKET}/{key}", "--endpoint-url", s3_server.endpoint,
-        ]
+    publish_to(
+        s3_server, tmp_path, key,
+        "--torchscript", str(model), "--classes", str(classes_file), "--onnx",
+        "--check-image", str(_saved(tmp_path / "red.png", (250, 5, 5))),
     )  # fmt: skip
     printed = capsys.readouterr().out
     serve_from(monkeypatch, key)
@@ -190,17 +194,13 @@ def test_an_onnx_export_that_does_not_match_is_not_published(
         torch.jit.save(torch.jit.script(module()), given)
 
     with pytest.raises(SystemExit, match=cause):
-        publish(
-            [
-                source, given, "--onnx",
-                "--classes", str(classes_file), "--output", str(tmp_path / "m.tar.gz"),
-                "--s3", f"s3://{MODEL_BUCKET}/{key}", "--endpoint-url", s3_server.endpoint,
-            ]
+        publish_to(
+            s3_server, tmp_path, key,
+            source, given, "--onnx",
+            "--classes", str(classes_file),
         )  # fmt: skip
 
-    assert not (tmp_path / "m.tar.gz").exists()
-    listed = s3.list_objects_v2(Bucket=MODEL_BUCKET, Prefix=f"published/{module.__name__}/")  # type: ignore[attr-defined]
-    assert listed.get("KeyCount", 0) == 0
+    assert_nothing_published(s3, tmp_path, key)
 
 
 def _saved(path: Path, colour: tuple[int, int, int]) -> Path:
