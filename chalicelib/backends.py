@@ -20,9 +20,9 @@ from pathlib import Path
 from types import ModuleType
 from typing import Literal
 
-from chalicelib.errors import ModelUnavailable
+from chalicelib.errors import ModelUnavailable, TorchUnavailable
 from chalicelib.model_store import ModelFiles
-from chalicelib.prediction import Classifier
+from chalicelib.prediction import Classifier, first_line
 
 Backend = Literal["torch", "onnx"]
 BACKEND_SETTINGS = ("auto", "torch", "onnx")
@@ -52,8 +52,8 @@ def choose_backend(setting: str, files: ModelFiles) -> Backend:
     if files.torchscript_path is None:
         reason = "MODEL_BACKEND is 'torch'" if setting == "torch" else "onnxruntime is not installed here"
         raise ModelUnavailable(
-            f"The model archive has only model.onnx, but {reason}: deploy with onnxruntime "
-            "(requirements-onnx.txt) or add a TorchScript file to the archive."
+            f"The model archive has only model.onnx, but {reason}: deploy the onnx stage "
+            "(make package-onnx) or add a TorchScript file to the archive."
         )
     return "torch"
 
@@ -62,13 +62,20 @@ def import_backend(backend: Backend) -> ModuleType:
     """The backend's module, imported on first use; torch's layer is unpacked first on Lambda."""
     if backend == "torch":
         importlib.import_module("chalicelib.torch_layer")
-        return importlib.import_module("chalicelib.torchscript_backend")
+        try:
+            return importlib.import_module("chalicelib.torchscript_backend")
+        except ImportError as error:
+            # No layer at all, or one built for another runtime (a glibc or ABI mismatch).
+            raise TorchUnavailable(
+                f"The model runs on TorchScript, but torch cannot be imported ({first_line(error)}); "
+                "attach the PyTorch layer built for this runtime (make layer), or deploy the onnx stage."
+            ) from error
     try:
         return importlib.import_module("chalicelib.onnx_backend")
     except ImportError as error:
         raise ModelUnavailable(
             f"MODEL_BACKEND asks for ONNX Runtime, but onnxruntime cannot be imported ({error}); "
-            "deploy with requirements-onnx.txt, or set MODEL_BACKEND to 'torch'."
+            "deploy the onnx stage (make package-onnx), or set MODEL_BACKEND to 'torch'."
         ) from error
 
 

@@ -16,7 +16,7 @@ and httpx do, so library-style callers can catch ``ValueError`` or
     ├── UpstreamError (ConnectionError)       502  image host failed or answered an error
     ├── UpstreamTimeout (TimeoutError)        504  image host too slow
     ├── ModelUnavailable (RuntimeError)       503  model archive missing, unreadable or invalid
-    │   └── TorchUnavailable                  503  the PyTorch layer cannot be unpacked
+    │   └── TorchUnavailable                  503  PyTorch cannot be unpacked or imported
     └── ConfigurationError (RuntimeError)     503  the environment is set wrongly
 
 Messages say what was expected and what arrived; they never carry stack

@@ -20,22 +20,6 @@ from chalicelib.errors import ModelUnavailable
 from chalicelib.prediction import Classifier, first_line, nhwc_batch
 
 BACKEND = "onnx"
-FIRST_RELEASE_FOR_NUMPY_2 = (1, 19)
-
-
-def _refuse_numpy_mismatch() -> None:
-    """onnxruntime before 1.19 was built for numpy 1: under numpy 2 its import only
-    warns, and its first run then kills the whole process (segfault). Refusing at
-    import turns that into a 503 that names the fix."""
-    onnxruntime_release = tuple(int(part) for part in onnxruntime.__version__.split(".")[:2])
-    if int(np.__version__.split(".")[0]) >= 2 and onnxruntime_release < FIRST_RELEASE_FOR_NUMPY_2:
-        raise ImportError(
-            f"onnxruntime {onnxruntime.__version__} was built for numpy 1 but numpy {np.__version__} "
-            "is installed; pin numpy<2 as requirements-onnx.txt does"
-        )
-
-
-_refuse_numpy_mismatch()
 
 
 class OnnxClassifier(Classifier):
