@@ -5,7 +5,9 @@ artefacts are complete:
 
 1. ``chalice package`` output (``deployment.zip``) is unzipped as /var/task
    would be, and the layer zips as /opt would be;
-2. a fresh ``python -I -S`` starts with only those folders and a folder of
+2. the runtime's own interpreter (``--python``: by default this one; ``make
+   lambda-sim`` gives ``build/toolchain/python``, CPython 3.13 in a Debian 13
+   root) starts bare, ``-I -S``, with only those folders and a folder of
    boto3/botocore (which Lambda's runtime provides) on ``sys.path``, with HOME
    and TMPDIR pointing at empty folders;
 3. it imports the handler named in ``sam.json`` and invokes it with API
@@ -15,8 +17,12 @@ artefacts are complete:
 
 Anything the handler needs that the package or the layer lacks makes the
 import or the request fail, and the simulation with it. It prints one JSON
-line: the responses, the cold start (process start to first response), the
-warm latencies and the peak RSS.
+line: which interpreter ran it, the responses, the cold start (process start
+to first response), the warm latencies, the peak RSS and the /tmp used.
+
+A layer built with ``--simulation-only`` (the cp311 torch layer: it cannot
+load on Lambda's python3.11) makes the run a code-path simulation, and the
+output says so: it shows the torch code path works, not that a runtime loads it.
 
 Run it through ``tools/isolated_network.sh`` (``make lambda-sim`` does).
 """
@@ -28,15 +34,16 @@ import http.server
 import io
 import json
 import logging
-import platform
+import shlex
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import boto3
@@ -75,9 +82,49 @@ for number, event in enumerate(config["events"]):
     print(config["marker"] + json.dumps(result), flush=True)
 """
 
+# What the interpreter says of itself: Lambda's runtime name, and a label for the output.
+DESCRIBE = r"""
+import json, os, platform, sys
+system = "unknown system"
+if os.path.isfile("/etc/os-release"):
+    fields = dict(line.rstrip().split("=", 1) for line in open("/etc/os-release") if "=" in line)
+    system = fields.get("PRETTY_NAME", system).strip('"')
+print(json.dumps({
+    "runtime": f"python{sys.version_info[0]}.{sys.version_info[1]}",
+    "label": f"CPython {platform.python_version()}, glibc {platform.libc_ver()[1]}, {system}",
+}))
+"""
+
 RESULT_MARKER = "SIM-RESULT "
-PYTHON_MINOR = ".".join(platform.python_version_tuple()[:2])
 RUNTIME_PACKAGES = ("boto3", "botocore", "s3transfer", "jmespath", "dateutil", "six.py", "urllib3")
+
+
+@dataclass(frozen=True)
+class Interpreter:
+    """The command that starts the runtime's Python, and what it is."""
+
+    command: tuple[str, ...]
+    runtime: str  # Lambda's name for it: python3.13
+    label: str
+
+    @classmethod
+    def from_command(cls, command: Sequence[str]) -> Interpreter:
+        program, *arguments = command
+        if "/" in program:  # the function runs in another directory: a relative path would break
+            command = [str(Path(program).absolute()), *arguments]
+        described = subprocess.run(
+            [*command, "-I", "-S", "-c", DESCRIBE], capture_output=True, text=True, check=True, timeout=60
+        )
+        facts = json.loads(described.stdout)
+        return cls(command=tuple(command), runtime=facts["runtime"], label=facts["label"])
+
+    @property
+    def layer_site_packages(self) -> str:
+        """Where Lambda puts a layer's packages for this runtime, under /opt."""
+        return f"python/lib/{self.runtime}/site-packages"
+
+
+THIS_INTERPRETER = (sys.executable,)
 
 
 def proxy_event(body: str | None, *, method: str = "POST", path: str = "/invocations") -> dict[str, object]:
@@ -175,9 +222,71 @@ def photo_jpeg() -> bytes:
     return buffer.getvalue()
 
 
+def simulation_only_layers(layers: Sequence[Path]) -> list[str]:
+    """The layers whose manifest says they cannot load on a real runtime (see build_layer)."""
+    flagged = []
+    for layer in layers:
+        with zipfile.ZipFile(layer) as bundle:
+            for name in bundle.namelist():
+                if name.endswith("/manifest.json") and json.loads(bundle.read(name)).get("simulation_only"):
+                    flagged.append(layer.name)
+    return flagged
+
+
 def simulate(
-    package_dir: Path, layers: list[Path], model_archive: Path, warm_requests: int
+    package_dir: Path,
+    layers: list[Path],
+    model_archive: Path,
+    warm_requests: int,
+    interpreter: Interpreter | None = None,
 ) -> dict[str, object]:
+    """Classify a photo cold, then warm, then ask which backend served; report the figures."""
+    interpreter = interpreter or Interpreter.from_command(THIS_INTERPRETER)
+    code_path_only = simulation_only_layers(layers)
+    run = invoke(
+        package_dir,
+        layers,
+        model_archive,
+        interpreter,
+        lambda image_url: [
+            *[proxy_event(json.dumps({"url": image_url}))] * (1 + warm_requests),
+            proxy_event(None, method="GET", path="/model"),
+        ],
+    )
+    *results, model = run.results
+    warm = sorted(r["seconds"] for r in results[1:])
+    return {
+        "interpreter": interpreter.label,
+        "runtime": interpreter.runtime,
+        "simulation": (
+            f"code path only: {', '.join(code_path_only)} cannot load on Lambda's {interpreter.runtime}"
+            if code_path_only
+            else f"the {interpreter.runtime} package on a real CPython {interpreter.runtime[6:]}"
+        ),
+        "responses": [r["response"] for r in results],
+        "backend": json.loads(model["response"]["body"]).get("backend"),
+        "cold_start_seconds": round(run.cold_start, 3),
+        "warm_p50_seconds": round(warm[len(warm) // 2], 4) if warm else None,
+        "peak_rss_mib": round(model["peak_rss_kib"] / 1024),
+        "tmp_used_mib": round(run.tmp_used / 2**20),
+    }
+
+
+@dataclass(frozen=True)
+class Run:
+    results: list[dict[str, object]]
+    cold_start: float
+    tmp_used: int
+
+
+def invoke(
+    package_dir: Path,
+    layers: Sequence[Path],
+    model_archive: Path,
+    interpreter: Interpreter,
+    events_for: Callable[[str], list[dict[str, object]]],
+) -> Run:
+    """Start the function cold in a fresh sandbox and send it ``events_for(image_url)``, in order."""
     template = json.loads((package_dir / "sam.json").read_text())
     function = next(
         r["Properties"] for r in template["Resources"].values() if r["Type"] == "AWS::Serverless::Function"
@@ -213,19 +322,16 @@ def simulate(
                 "ALLOWED_PORTS": "*",
             }
             # Lambda's own order: the function, then the layers' two folders, then the runtime.
-            layer_site = opt / "python" / "lib" / f"python{PYTHON_MINOR}" / "site-packages"
+            layer_site = opt / interpreter.layer_site_packages
             config = {
                 "path": [str(task), str(layer_site), str(opt / "python"), str(runtime)],
                 "handler": function["Handler"],
                 "marker": RESULT_MARKER,
-                "events": [
-                    *[proxy_event(json.dumps({"url": image_url}))] * (1 + warm_requests),
-                    proxy_event(None, method="GET", path="/model"),
-                ],
+                "events": events_for(image_url),
             }
             started = time.monotonic()
             child = subprocess.Popen(
-                [sys.executable, "-I", "-S", "-c", BOOTSTRAP, json.dumps(config)],
+                [*interpreter.command, "-I", "-S", "-c", BOOTSTRAP, json.dumps(config)],
                 cwd=task, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             )  # fmt: skip
             assert child.stdout is not None
@@ -236,19 +342,11 @@ def simulate(
             rest = [line for line in lines if line.startswith(RESULT_MARKER)]
             stderr = child.stderr.read() if child.stderr else ""
             child.wait(timeout=120)
-        unpacked = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
+        tmp_used = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
     if child.returncode != 0 or not first:
         raise SystemExit(f"the simulated function failed (exit {child.returncode}):\n{stderr[-4000:]}")
-    *results, model = [json.loads(line.removeprefix(RESULT_MARKER)) for line in [first, *rest]]
-    warm = sorted(r["seconds"] for r in results[1:])
-    return {
-        "responses": [r["response"] for r in results],
-        "backend": json.loads(model["response"]["body"]).get("backend"),
-        "cold_start_seconds": round(cold_start, 3),
-        "warm_p50_seconds": round(warm[len(warm) // 2], 4) if warm else None,
-        "peak_rss_mib": round(model["peak_rss_kib"] / 1024),
-        "tmp_used_mib": round(unpacked / 2**20),
-    }
+    results = [json.loads(line.removeprefix(RESULT_MARKER)) for line in [first, *rest]]
+    return Run(results=results, cold_start=cold_start, tmp_used=tmp_used)
 
 
 def main() -> None:
@@ -257,9 +355,16 @@ def main() -> None:
     parser.add_argument("--layer", type=Path, action="append", default=None)
     parser.add_argument("--model", type=Path, default=Path("build/demo-model.tar.gz"))
     parser.add_argument("--warm-requests", type=int, default=10)
+    parser.add_argument(
+        "--python",
+        default=shlex.join(THIS_INTERPRETER),
+        help="command that starts the runtime's Python (make lambda-sim: build/toolchain/python)",
+    )
     args = parser.parse_args()
-    layers = args.layer or [Path("build/layer/pytorch-layer.zip")]
-    print(json.dumps(simulate(args.package, layers, args.model, args.warm_requests)))
+    interpreter = Interpreter.from_command(shlex.split(args.python))
+    result = simulate(args.package, args.layer or [], args.model, args.warm_requests, interpreter)
+    answers = [f"{r['statusCode']} {json.loads(r['body']).get('class')}" for r in result.pop("responses")]
+    print(json.dumps({**result, "answers": sorted(set(answers))}))
 
 
 if __name__ == "__main__":
