@@ -15,15 +15,27 @@ The decision is made on resolved addresses, never on the URL text:
 ``2130706433``, ``0x7f.1``, ``0177.0.0.1`` and ``127.1`` are all loopback once
 the resolver has read them. The caller then connects to the address that was
 checked (see ``fetch.py``), so a second DNS answer cannot rebind the host.
+
+The host is normalised once, here, and every later step uses that one form:
+the localhost check, the resolver, the pinned connection and the Host header.
+A name that is not ASCII is IDNA-encoded as browsers do (UTS 46), so
+``Bücher.example`` is ``xn--bcher-kva.example`` and 127.0.0.1 in full-width
+digits is ``127.0.0.1``; an ASCII name must be dot-separated labels of 1 to 63 letters,
+digits, hyphens or underscores. Anything else in the host (spaces, ``%``,
+control characters, an IPv6 zone ``%eth0`` that only link-local addresses
+use, a bracketed ``[v1.x]``) makes the URL invalid, not merely unresolvable.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from urllib.parse import SplitResult, urlsplit
+from urllib.parse import SplitResult, quote, urlsplit
+
+import idna
 
 from chalicelib.errors import InvalidURL, UpstreamError
 
@@ -31,7 +43,12 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Resolver = Callable[[str, int], Sequence[IPAddress]]
 
 MAX_URL_LENGTH = 2048
+MAX_HOST_LENGTH = 253  # DNS: 255 octets on the wire
 DEFAULT_PORTS = frozenset({80, 443})
+_ASCII_LABEL = re.compile(r"[a-z0-9_-]{1,63}")
+# Characters a request target may carry as they are (RFC 3986 pchar, "/" and
+# "?", and "%" so existing escapes stay as the URL wrote them).
+_TARGET_SAFE = "/?:@!$&'()*+,;=%~"
 
 
 def port_or_default(scheme: str, port: int | None) -> int:
@@ -59,9 +76,10 @@ class Target:
 
     url: str
     scheme: str
-    host: str
+    host: str  # normalised: lower-case ASCII, IDNA-encoded; an IPv6 address without brackets
     port: int
     address: IPAddress
+    path: str  # what to ask the host for: path and query, percent-encoded, never empty
 
 
 @dataclass(frozen=True)
@@ -76,7 +94,7 @@ class UrlPolicy:
         if self.allowed_ports is not None and port not in self.allowed_ports:
             allowed = ", ".join(str(p) for p in sorted(self.allowed_ports))
             raise InvalidURL(f"The image URL uses port {port}; allowed ports are {allowed} (ALLOWED_PORTS).")
-        host = parts.hostname or ""
+        host = _normalised_host(parts)
         if not self.allow_private and _is_localhost_name(host):
             raise InvalidURL(
                 f"The image URL's host {host!r} is a loopback name; only public hosts may be fetched."
@@ -90,7 +108,14 @@ class UrlPolicy:
                         f"The image URL's host {host!r} resolves to {reason}; only public "
                         "internet addresses may be fetched."
                     )
-        return Target(url=url, scheme=parts.scheme, host=host, port=port, address=addresses[0])
+        return Target(
+            url=url,
+            scheme=parts.scheme,
+            host=host,
+            port=port,
+            address=addresses[0],
+            path=_request_target(parts),
+        )
 
 
 def _parse(url: str) -> SplitResult:
@@ -107,7 +132,50 @@ def _parse(url: str) -> SplitResult:
         raise InvalidURL(f"The image URL has no host name: {url[:100]!r}.")
     if parts.username is not None or parts.password is not None:
         raise InvalidURL("The image URL must not carry a user name or password (user:pass@host).")
+    if parts.port == 0:
+        raise InvalidURL("The image URL uses port 0; a port must be between 1 and 65535.")
     return parts
+
+
+def _normalised_host(parts: SplitResult) -> str:
+    """The one form of the URL's host that is checked, resolved, connected to and sent."""
+    host = parts.hostname or ""
+    if "[" in parts.netloc:
+        return _bracketed_address(host)
+    if not host.isascii():
+        try:
+            host = idna.encode(host, uts46=True).decode("ascii")
+        except idna.IDNAError as error:
+            raise InvalidURL(
+                f"The image URL's host {host[:100]!r} is not a valid domain name: {error}."
+            ) from error
+    labels = host.removesuffix(".").split(".")
+    if len(host) > MAX_HOST_LENGTH or not all(_ASCII_LABEL.fullmatch(label) for label in labels):
+        raise InvalidURL(
+            f"The image URL's host {host[:100]!r} is not a valid host name: expected dot-separated labels "
+            f"of 1 to 63 letters, digits, hyphens or underscores, {MAX_HOST_LENGTH} characters in all."
+        )
+    return host
+
+
+def _bracketed_address(host: str) -> str:
+    """A host in brackets must be a plain IPv6 address: no zone (``%eth0``), no IPvFuture."""
+    try:
+        address = ipaddress.IPv6Address(host)
+    except ValueError:
+        address = None
+    if address is None or address.scope_id is not None:
+        raise InvalidURL(
+            f"The image URL's host [{host[:100]}] is not a plain IPv6 address; zone identifiers "
+            "(%...) and other bracketed forms are not accepted."
+        )
+    return host
+
+
+def _request_target(parts: SplitResult) -> str:
+    """Path and query as an HTTP request line needs them: anything not allowed there percent-encoded."""
+    target = quote(parts.path or "/", safe=_TARGET_SAFE)
+    return f"{target}?{quote(parts.query, safe=_TARGET_SAFE)}" if parts.query else target
 
 
 def _is_localhost_name(host: str) -> bool:

@@ -126,7 +126,7 @@ def test_the_prod_package_leaves_torch_to_the_layer() -> None:
     with zipfile.ZipFile(artefact(PACKAGE / "deployment.zip")) as package:
         top_level = {name.split("/")[0] for name in package.namelist()}
 
-    assert {"app.py", "chalicelib", "PIL", "numpy", "requests"} <= top_level
+    assert {"app.py", "chalicelib", "PIL", "numpy", "urllib3"} <= top_level
     assert not top_level & {"torch", "torchvision", "boto3", "botocore", "tests", "tools", "bench", "build"}
 
 
@@ -138,7 +138,7 @@ def test_the_onnx_deployment_fits_lambda_with_no_torch() -> None:
     function_zip = artefact(ONNX_PACKAGE / "deployment.zip")
 
     assert unzipped_size(function_zip) + unzipped_size(ONNX_LAYER) <= 250 * MIB
-    assert {"onnxruntime", "numpy", "PIL", "requests", "aws_lambda_powertools"} <= installed
+    assert {"onnxruntime", "numpy", "PIL", "urllib3", "aws_lambda_powertools"} <= installed
     assert not installed & {"torch", "torchvision", "sympy", "mpmath", "boto3", "botocore"}
     assert function["Layers"] == [{"Ref": "ManagedLayer"}]
     assert function["Environment"]["Variables"]["MODEL_BACKEND"] == "onnx"
@@ -224,3 +224,34 @@ def test_deploy_artifacts_uploads_the_package_through_s3(
     assert all(key.startswith("test-stack/") for key in keys)
     assert all(uri in packaged for uri in uploaded)
     assert "deployment.zip" not in packaged
+
+
+def test_the_function_logs_each_record_once_as_json_with_warnings_visible(
+    runtime_python: Interpreter,
+) -> None:
+    """On Lambda the runtime prints whatever reaches the root logger; our records must not, and a
+    chalicelib warning must be there at the default level, in JSON, with the request id."""
+    run = invoke(
+        ONNX_PACKAGE,
+        [artefact(ONNX_LAYER)],
+        artefact(DEMO_MODEL),
+        runtime_python,
+        lambda _: [proxy_event(None, method="GET", path="/ping")],
+        environment={"MODEL_KEY": "nothing/here.tar.gz", "LOG_LEVEL": "WARNING"},
+    )
+    deep = invoke(
+        ONNX_PACKAGE,
+        [artefact(ONNX_LAYER)],
+        artefact(DEMO_MODEL),
+        runtime_python,
+        lambda _: [proxy_event(None, method="GET", path="/ping", query={"deep": "1"})],
+        environment={"MODEL_KEY": "nothing/here.tar.gz"},
+    )
+
+    # LOG_LEVEL=WARNING: no request line; the metrics (EMF) are not log records and stay.
+    assert [json.loads(line).get("level") for line in run.log] == [None]
+    records = [json.loads(line) for line in deep.log if line.startswith('{"level"')]
+    assert [record["level"] for record in records] == ["WARNING", "INFO"]
+    assert "s3://sim-models/nothing/here.tar.gz" in records[0]["message"]
+    assert {record["request_id"] for record in records} == {"sim-0"}
+    assert all(line.startswith("{") for line in deep.log)

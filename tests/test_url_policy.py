@@ -13,15 +13,24 @@ import pytest
 
 from chalicelib.errors import InvalidURL, UpstreamError
 from chalicelib.url_policy import IPAddress, Resolver, UrlPolicy, forbidden_reason, resolve_host
+from tests.support.network import fullwidth
 
 PRODUCTION = UrlPolicy()
 
 
-def table(*addresses: str) -> Resolver:
+def table(*addresses: str, asked: list[str] | None = None) -> Resolver:
+    """A resolver with one answer for every name; ``asked`` collects the names it was given."""
+
     def resolve(host: str, port: int) -> list[IPAddress]:
+        if asked is not None:
+            asked.append(host)
         return [ipaddress.ip_address(a) for a in addresses]
 
     return resolve
+
+
+def no_lookup(host: str, port: int) -> list[IPAddress]:
+    raise AssertionError("resolved a URL that should have been refused first")
 
 
 FORBIDDEN = [
@@ -92,11 +101,10 @@ def test_numeric_spellings_resolve_to_loopback_and_are_refused(spelling: str) ->
         PRODUCTION.check(f"http://{spelling}/cat.jpg")
 
 
-@pytest.mark.parametrize("name", ["localhost", "LocalHost.", "metadata.localhost", "a.b.localhost."])
+@pytest.mark.parametrize(
+    "name", ["localhost", "LocalHost.", "metadata.localhost", "a.b.localhost.", fullwidth("localhost")]
+)
 def test_localhost_names_are_refused_without_resolving(name: str) -> None:
-    def no_lookup(host: str, port: int) -> list[ipaddress.IPv4Address]:
-        raise AssertionError("a localhost name must not be resolved")
-
     with pytest.raises(InvalidURL, match="loopback name"):
         PRODUCTION.check(f"http://{name}/", no_lookup)
 
@@ -157,12 +165,20 @@ def test_allowed_ports_can_be_widened_or_opened() -> None:
         ("https://x.example:22/", "port 22"),
         ("http://x.example:0/", "port 0"),
         ("http://x.example/" + "a" * 2100, "limit is 2048"),
+        ("http://" + "a" * 64 + ".example/", "not a valid host name"),
+        ("http://" + "ü" * 64 + ".example/", "not a valid domain name: Label too long"),
+        ("http://" + "a" * 60 + ".a" * 100 + "/", "253 characters"),
+        ("http://a..example/", "not a valid host name"),
+        ("http://a b.example/", "not a valid host name"),
+        ("http://a\x00b.example/", "not a valid host name"),
+        ("http://%31%32%37.0.0.1/", "not a valid host name"),
+        ("http://bü cher.example/", "not a valid domain name"),
+        ("http://☃.example/", "not a valid domain name"),
+        ("http://[fe80::1%25eth0]/", "zone identifiers"),
+        ("http://[v1.x]/", "not a plain IPv6 address"),
     ],
 )
 def test_url_shape_is_refused_before_any_lookup(url: str, fragment: str) -> None:
-    def no_lookup(host: str, port: int) -> list[ipaddress.IPv4Address]:
-        raise AssertionError("resolved a URL that should have been refused first")
-
     with pytest.raises(InvalidURL, match=fragment):
         PRODUCTION.check(url, no_lookup)
 
@@ -171,3 +187,48 @@ def test_url_shape_is_refused_before_any_lookup(url: str, fragment: str) -> None
 def test_an_unresolvable_host_is_an_upstream_error() -> None:
     with pytest.raises(UpstreamError, match="Could not resolve"):
         resolve_host("no-such-host.invalid", 80)
+
+
+@pytest.mark.parametrize(
+    ("host", "ascii_host"),
+    [
+        ("Bücher.example", "xn--bcher-kva.example"),
+        ("bücher.example.", "xn--bcher-kva.example."),
+        (fullwidth("11.22.33.44"), "11.22.33.44"),
+    ],
+)
+def test_a_host_is_normalised_once_for_the_resolver_and_the_target(host: str, ascii_host: str) -> None:
+    asked: list[str] = []
+
+    target = PRODUCTION.check(f"https://{host}/cat.jpg", table("8.8.8.8", asked=asked))
+
+    assert (asked, target.host) == ([ascii_host], ascii_host)
+
+
+def test_a_full_width_loopback_address_is_still_loopback() -> None:
+    with pytest.raises(InvalidURL, match="loopback"):
+        PRODUCTION.check(f"http://{fullwidth('127.0.0.1')}/cat.jpg", resolve_numeric_only)
+
+
+def resolve_numeric_only(host: str, port: int) -> list[IPAddress]:
+    """Read the host as an IP address, as the system resolver would, or fail the test."""
+    return [ipaddress.ip_address(host)]
+
+
+def test_port_0_is_refused_even_when_any_port_is_allowed() -> None:
+    with pytest.raises(InvalidURL, match="port 0"):
+        UrlPolicy(allowed_ports=None).check("http://x.example:0/", no_lookup)
+
+
+@pytest.mark.parametrize(
+    ("url", "path"),
+    [
+        ("http://x.example", "/"),
+        ("http://x.example/a/b.jpg?w=1&h=2#part", "/a/b.jpg?w=1&h=2"),
+        ("http://x.example/café au lait.jpg?size=ü", "/caf%C3%A9%20au%20lait.jpg?size=%C3%BC"),
+        ("http://x.example/already%20escaped%2F.jpg", "/already%20escaped%2F.jpg"),
+        ('http://x.example/a\x7fb"<>.jpg', "/a%7Fb%22%3C%3E.jpg"),
+    ],
+)
+def test_the_target_path_is_what_the_request_line_needs(url: str, path: str) -> None:
+    assert PRODUCTION.check(url, table("8.8.8.8")).path == path

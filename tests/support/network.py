@@ -13,7 +13,8 @@ import socket
 
 import pytest
 
-PUBLIC_TEST_ADDRESS = "11.22.33.44"  # keep in step with tools/isolated_network.sh
+PUBLIC_TEST_ADDRESS = "11.22.33.44"  # keep both in step with tools/isolated_network.sh
+PUBLIC_TEST_NAME = "xn--bcher-kva.example"  # bücher.example, in /etc/hosts there
 
 
 def require_isolated_network() -> None:
@@ -28,3 +29,8 @@ def require_isolated_network() -> None:
             probe.bind((PUBLIC_TEST_ADDRESS, 0))
         except OSError:
             pytest.fail(f"{PUBLIC_TEST_ADDRESS} is not on loopback: run through tools/isolated_network.sh.")
+
+
+def fullwidth(text: str) -> str:
+    """``text`` in the full-width forms of its ASCII characters, with ideographic full stops for dots."""
+    return "".join("\u3002" if c == "." else chr(ord(c) + 0xFEE0) for c in text)
