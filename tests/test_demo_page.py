@@ -8,7 +8,6 @@ A screenshot is saved to test-artifacts/ for a person to look at.
 from __future__ import annotations
 
 import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.ui import WebDriverWait
 
+from tests.support.chalice_local import LocalServer
 from tests.support.http_server import RoutedHTTPServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,12 +70,12 @@ def results(driver: webdriver.Chrome) -> list[str]:
 
 @pytest.mark.usefixtures("isolated_network")
 def test_uploading_a_photo_shows_its_top_classes(
-    chalice_local: tuple[str, subprocess.Popen[str]],
+    chalice_local: LocalServer,
     browser: webdriver.Chrome,
     photos: dict[str, bytes],
     tmp_path: Path,
 ) -> None:
-    base, _ = chalice_local
+    base = chalice_local.base
     photo = tmp_path / "coffee.jpg"
     photo.write_bytes(photos["coffee"])
 
@@ -91,11 +91,11 @@ def test_uploading_a_photo_shows_its_top_classes(
 
 @pytest.mark.usefixtures("isolated_network")
 def test_a_url_is_classified_and_an_error_is_shown(
-    chalice_local: tuple[str, subprocess.Popen[str]],
+    chalice_local: LocalServer,
     browser: webdriver.Chrome,
     image_server: RoutedHTTPServer,
 ) -> None:
-    base, _ = chalice_local
+    base = chalice_local.base
     browser.get(f"{base}/")
     field = browser.find_element(By.ID, "url")
 

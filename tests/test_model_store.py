@@ -2,25 +2,42 @@
 
 Archives go through real S3 (moto over HTTP) and the full service, and each
 failure must leave nothing half-written behind: no partial download, no
-half-extracted folder, nothing outside the cache directory.
+half-extracted folder, nothing outside the cache directory. Disk faults are
+real filesystems (a tiny tmpfs, a read-only mount) in a private mount
+namespace, slow and silent S3s are real sockets on loopback, and leftovers
+come from processes that really died.
 """
 
 from __future__ import annotations
 
 import io
+import random
 import socket
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import boto3
 import pytest
+from botocore.config import Config
 from chalice.test import Client
 
 from chalicelib.errors import ModelUnavailable
-from chalicelib.model_store import LocalArchive, ModelStore, S3Archive
+from chalicelib.model_store import (
+    PARTIAL_PREFIX,
+    ROOM_HEADROOM_BYTES,
+    STAGING_PREFIX,
+    LocalArchive,
+    ModelStore,
+    S3Archive,
+    S3Client,
+    S3ClientFactory,
+)
 from chalicelib.settings import DEMO_ARCHIVE
-from tests.conftest import MODEL_BUCKET
+from tests.conftest import DEMO_KEY, MODEL_BUCKET
 from tests.support.api import classify, error_of
 from tests.support.archives import (
     COLOUR_CLASSES,
@@ -32,7 +49,27 @@ from tests.support.archives import (
     tar_gz,
     traced_colour_model,
 )
+from tests.support.faulty_disk import ROOT, ReadOnly, Tmpfs, run_python
 from tests.support.http_server import RoutedHTTPServer
+from tests.support.s3 import MotoS3Server
+from tests.support.slow_network import SilentServer, ThrottlingProxy
+
+MIB = 2**20
+
+
+def in_a_minute() -> float:
+    """A deadline that only the deadline tests come near."""
+    return time.monotonic() + 60
+
+
+def moto_client(config: Config) -> S3Client:
+    """A client of the loopback S3, built as the service builds it: boto3 reads AWS_ENDPOINT_URL_S3."""
+    return boto3.client("s3", config=config)
+
+
+def client_of(endpoint: str) -> S3ClientFactory:
+    return lambda config: boto3.client("s3", endpoint_url=endpoint, config=config)
+
 
 ABSOLUTE_MEMBER = "/tmp/chalice-classifier-test-absolute-member.txt"
 
@@ -222,26 +259,22 @@ def truncating_s3() -> Iterator[TruncatingS3]:
 def test_truncated_download_is_never_used_and_leaves_no_partial_file(
     truncating_s3: TruncatingS3, tmp_path: Path
 ) -> None:
-    client = boto3.client(
-        "s3",
-        endpoint_url=truncating_s3.endpoint,
-        config=boto3.session.Config(retries={"max_attempts": 1}),
-    )
-    store = ModelStore(tmp_path, s3_client=lambda: client)
+    store = ModelStore(tmp_path, s3_client=client_of(truncating_s3.endpoint))
 
     with pytest.raises(ModelUnavailable, match="could not be downloaded"):
-        store.fetch(S3Archive(bucket="models", key="model.tar.gz"))
+        store.fetch(S3Archive(bucket="models", key="model.tar.gz"), in_a_minute())
 
     assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
 
 
-def test_extraction_is_reused_by_a_later_process_in_the_same_sandbox(s3: object, tmp_path: Path) -> None:
-    store = ModelStore(tmp_path, s3_client=lambda: s3)  # type: ignore[arg-type, return-value]
-    first = store.fetch(S3Archive(bucket=MODEL_BUCKET, key="demo/model.tar.gz"))
+@pytest.mark.usefixtures("s3")
+def test_extraction_is_reused_by_a_later_process_in_the_same_sandbox(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path, s3_client=moto_client)
+    first = store.fetch(S3Archive(bucket=MODEL_BUCKET, key=DEMO_KEY), in_a_minute())
     first_inode = first.torchscript_path.stat().st_ino
 
-    second = ModelStore(tmp_path, s3_client=lambda: s3).fetch(  # type: ignore[arg-type, return-value]
-        S3Archive(bucket=MODEL_BUCKET, key="demo/model.tar.gz")
+    second = ModelStore(tmp_path, s3_client=moto_client).fetch(
+        S3Archive(bucket=MODEL_BUCKET, key=DEMO_KEY), in_a_minute()
     )
 
     assert second.torchscript_path == first.torchscript_path
@@ -255,15 +288,15 @@ def test_classes_with_a_byte_order_mark_and_crlf_read_as_plain_text(tmp_path: Pa
     archive.write_bytes(
         tar_gz({"model.pt": traced_colour_model(), "classes.txt": "\ufeffred\r\ngrün\r\nblue\r\n".encode()})
     )
-    store = ModelStore(tmp_path / "cache", s3_client=_no_s3)  # type: ignore[arg-type]
+    store = ModelStore(tmp_path / "cache", s3_client=_no_s3)
 
-    files = store.fetch(LocalArchive(archive))
+    files = store.fetch(LocalArchive(archive), in_a_minute())
 
     assert files.classes == ("red", "grün", "blue")
     assert files.version.startswith("sha256:")
 
 
-def _no_s3() -> object:
+def _no_s3(config: Config) -> S3Client:
     raise AssertionError("a local archive must not touch S3")
 
 
@@ -275,14 +308,328 @@ def test_macos_resource_forks_are_ignored(tmp_path: Path) -> None:
         )
     )
 
-    files = ModelStore(tmp_path / "cache", s3_client=_no_s3).fetch(LocalArchive(archive))  # type: ignore[arg-type]
+    files = ModelStore(tmp_path / "cache", s3_client=_no_s3).fetch(LocalArchive(archive), in_a_minute())
 
     assert files.torchscript_path.name == "model.pt"
 
 
 def test_demo_archive_is_valid(tmp_path: Path) -> None:
-    files = ModelStore(tmp_path, s3_client=_no_s3).fetch(LocalArchive(DEMO_ARCHIVE))  # type: ignore[arg-type]
+    files = ModelStore(tmp_path, s3_client=_no_s3).fetch(LocalArchive(DEMO_ARCHIVE), in_a_minute())
 
     assert files.classes[281] == "tabby"
     assert files.manifest["preprocessing"]["mean"] == [0.5, 0.5, 0.5]
     assert io.BytesIO(files.torchscript_path.read_bytes()).read(2) == b"PK"
+
+
+def small_archive(tmp_path: Path) -> LocalArchive:
+    """An archive the store accepts; it never loads the model, so the weights can be any bytes."""
+    path = tmp_path / "small.tar.gz"
+    path.write_bytes(tar_gz({"model.pt": b"weights", "classes.txt": _classes()}))
+    return LocalArchive(path)
+
+
+def put(s3: object, key: str, archive: bytes) -> str:
+    s3.put_object(Bucket=MODEL_BUCKET, Key=key, Body=archive)  # type: ignore[attr-defined]
+    return f"s3://{MODEL_BUCKET}/{key}"
+
+
+# Run under faulty_disk.run_python: fetch the archive at argv[2] (s3://... or a
+# path) into the cache at argv[1], then report the outcome and what is left in
+# the cache, while the faulty mounts still exist.
+FETCH_AND_REPORT = """
+import json, sys, time
+from pathlib import Path
+import boto3
+from chalicelib.errors import ModelUnavailable
+from chalicelib.model_store import LocalArchive, ModelStore, S3Archive
+
+cache, where = Path(sys.argv[1]), sys.argv[2]
+bucket, _, key = where.removeprefix("s3://").partition("/")
+location = S3Archive(bucket, key) if where.startswith("s3://") else LocalArchive(Path(where))
+store = ModelStore(cache, s3_client=lambda config: boto3.client("s3", config=config))
+try:
+    store.fetch(location, time.monotonic() + 60)
+    outcome = "loaded"
+except ModelUnavailable as error:
+    outcome = str(error)
+left = sorted(str(p.relative_to(cache)) for p in cache.rglob("*"))
+print(json.dumps({"outcome": outcome, "left": left}))
+"""
+
+
+def assert_cache_fault(report: dict[str, object], cache: Path, cause: str) -> None:
+    """A 503 that names the cache directory, the setting and the cause, not the archive, and no debris."""
+    outcome = str(report["outcome"])
+    assert f"cache directory {cache} (MODEL_CACHE_DIR): {cause}" in outcome
+    assert "corrupt" not in outcome
+    assert set(report["left"]) <= {"archives", "models"}  # type: ignore[arg-type]
+
+
+@pytest.mark.usefixtures("s3_server")
+def test_a_full_disk_while_downloading_is_a_503_naming_the_cache(s3: object, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    weights = random.Random(0).randbytes(2 * MIB)  # incompressible: the archive itself is too big
+    archive = put(s3, "faults/too-big.tar.gz", tar_gz({"model.pt": weights, "classes.txt": _classes()}))
+
+    report = run_python(FETCH_AND_REPORT, str(cache), archive, mounts=[Tmpfs(cache, MIB)])
+
+    assert_cache_fault(report, cache, "no space is left on its filesystem (ENOSPC)")
+    assert "ephemeral storage" in str(report["outcome"])
+
+
+@pytest.mark.usefixtures("s3_server")
+def test_a_full_disk_while_extracting_is_not_called_a_corrupt_archive(s3: object, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    # A few kilobytes of archive that unpack to more than the disk holds.
+    archive = put(
+        s3, "faults/unpacks-big.tar.gz", tar_gz({"model.pt": bytes(8 * MIB), "classes.txt": _classes()})
+    )
+
+    report = run_python(FETCH_AND_REPORT, str(cache), archive, mounts=[Tmpfs(cache, MIB)])
+
+    assert_cache_fault(report, cache, "no space is left on its filesystem (ENOSPC)")
+
+
+def test_a_read_only_cache_is_a_503_that_says_read_only(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    cache.mkdir()
+
+    report = run_python(
+        FETCH_AND_REPORT, str(cache), str(small_archive(tmp_path).path), mounts=[ReadOnly(cache)]
+    )
+
+    assert_cache_fault(report, cache, "its filesystem is read-only (EROFS)")
+    assert "point MODEL_CACHE_DIR at a directory the function can write" in str(report["outcome"])
+
+
+def test_a_cache_without_write_permission_is_a_503_that_says_permission(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    cache.mkdir(mode=0o555)
+
+    report = run_python(
+        FETCH_AND_REPORT, str(cache), str(small_archive(tmp_path).path), honour_permissions=True
+    )
+
+    assert_cache_fault(report, cache, "permission is denied (EACCES)")
+
+
+# Fetch the S3 key argv[2] through the endpoint argv[3] into the cache argv[1];
+# the tests kill it half way.
+SLOW_FETCH = """
+import sys, time
+from pathlib import Path
+import boto3
+from chalicelib.model_store import ModelStore, S3Archive
+
+store = ModelStore(
+    Path(sys.argv[1]), s3_client=lambda config: boto3.client("s3", endpoint_url=sys.argv[3], config=config)
+)
+store.fetch(S3Archive("models", sys.argv[2]), time.monotonic() + 600)
+"""
+
+
+def wait_for_partial_download(process: subprocess.Popen[str], archives: Path) -> Path:
+    """The scratch file ``process`` is downloading into, once bytes have arrived in it."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and process.poll() is None:
+        started = [p for p in archives.glob(f"{PARTIAL_PREFIX}{process.pid}-*") if p.stat().st_size > 0]
+        if started:
+            return started[0]
+        time.sleep(0.05)
+    process.kill()
+    pytest.fail(f"the download never started: {process.communicate(timeout=30)}")
+
+
+def test_a_download_killed_half_way_leaves_a_file_that_the_next_fetch_removes(
+    s3_server: MotoS3Server, s3: object, tmp_path: Path
+) -> None:
+    cache = tmp_path / "cache"
+    with ThrottlingProxy(s3_server.endpoint, bytes_per_second=MIB) as slow_s3:
+        process = subprocess.Popen(
+            [sys.executable, "-c", SLOW_FETCH, str(cache), DEMO_KEY, slow_s3.endpoint],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        partial = wait_for_partial_download(process, cache / "archives")
+        process.kill()  # SIGKILL, as Lambda ends a timed-out invocation
+        process.communicate(timeout=30)
+    assert partial.stat().st_size > 0
+
+    ModelStore(cache, s3_client=_no_s3).fetch(small_archive(tmp_path), in_a_minute())
+
+    assert not partial.exists()
+
+
+# Make a scratch entry named as the store names its own (a file under
+# archives/, a folder under models/), print its path and wait for stdin to close.
+SCRATCH_OWNER = """
+import sys, tempfile
+from pathlib import Path
+from chalicelib.model_store import owned_prefix
+
+directory, prefix = Path(sys.argv[1]), sys.argv[2]
+directory.mkdir(parents=True, exist_ok=True)
+if sys.argv[3] == "file":
+    path = tempfile.mkstemp(dir=directory, prefix=owned_prefix(prefix))[1]
+else:
+    path = tempfile.mkdtemp(dir=directory, prefix=owned_prefix(prefix))
+    (Path(path) / "half.bin").write_bytes(bytes(1000))
+print(path, flush=True)
+sys.stdin.read()
+"""
+
+
+def scratch_owner(directory: Path, prefix: str, kind: str) -> tuple[subprocess.Popen[str], Path]:
+    """A live process and the scratch entry it owns; closing its stdin ends it, leaving the entry behind."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", SCRATCH_OWNER, str(directory), prefix, kind],
+        cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert process.stdout is not None
+    return process, Path(process.stdout.readline().strip())
+
+
+def end(process: subprocess.Popen[str]) -> None:
+    process.communicate(timeout=30)
+
+
+@pytest.mark.parametrize(
+    ("folder", "prefix", "kind"), [("archives", PARTIAL_PREFIX, "file"), ("models", STAGING_PREFIX, "folder")]
+)
+@pytest.mark.parametrize("start", ["fetch", "check_room"])
+def test_leftovers_of_dead_processes_go_and_those_of_live_ones_stay(
+    tmp_path: Path, folder: str, prefix: str, kind: str, start: str
+) -> None:
+    cache = tmp_path / "cache"
+    dead, dead_entry = scratch_owner(cache / folder, prefix, kind)
+    end(dead)
+    live, live_entry = scratch_owner(cache / folder, prefix, kind)
+    store = ModelStore(cache, s3_client=_no_s3)
+    try:
+        if start == "fetch":
+            store.fetch(small_archive(tmp_path), in_a_minute())
+        else:
+            store.check_room(0)
+
+        assert dead_entry.exists() is False
+        assert live_entry.exists()
+    finally:
+        end(live)
+
+
+@pytest.mark.usefixtures("s3_server")
+def test_current_version_gives_the_version_fetch_gets_and_the_archive_size(
+    s3: object, tmp_path: Path
+) -> None:
+    archive = tar_gz({"model.pt": b"weights", "classes.txt": _classes()})
+    put(s3, "versions/model.tar.gz", archive)
+    store = ModelStore(tmp_path / "cache", s3_client=moto_client)
+    in_s3 = S3Archive(MODEL_BUCKET, "versions/model.tar.gz")
+    local = small_archive(tmp_path)
+
+    remote_version = store.current_version(in_s3, in_a_minute())
+    local_version = store.current_version(local, in_a_minute())
+
+    assert remote_version.size == len(archive)
+    assert remote_version.version == store.fetch(in_s3, in_a_minute()).version
+    assert local_version.size == local.path.stat().st_size
+    assert local_version.version == store.fetch(local, in_a_minute()).version
+    assert remote_version.room_to_fetch == 2 * len(archive)
+
+
+# Under a tmpfs of argv[2] bytes at argv[1]: try check_room for each size in
+# argv[3:] and report None where it fits, else the error's message.
+CHECK_ROOM = """
+import json, sys
+from pathlib import Path
+from chalicelib.errors import ModelUnavailable
+from chalicelib.model_store import ModelStore
+
+store = ModelStore(Path(sys.argv[1]) / "cache", s3_client=None)
+outcomes = []
+for needed in map(int, sys.argv[2:]):
+    try:
+        store.check_room(needed)
+        outcomes.append(None)
+    except ModelUnavailable as error:
+        outcomes.append(str(error))
+print(json.dumps(outcomes))
+"""
+
+
+def test_check_room_refuses_a_fetch_that_would_fill_the_disk_and_names_the_numbers(tmp_path: Path) -> None:
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    size = 32 * MIB
+    fits, too_big = size - ROOM_HEADROOM_BYTES - MIB, size - ROOM_HEADROOM_BYTES + MIB
+
+    outcomes = run_python(CHECK_ROOM, str(disk), str(fits), str(too_big), mounts=[Tmpfs(disk, size)])
+
+    assert outcomes[0] is None
+    assert outcomes[1] == (
+        f"The model needs {too_big // MIB} MiB plus {ROOM_HEADROOM_BYTES // MIB} MiB of headroom in the "
+        f"cache directory {disk / 'cache'} (MODEL_CACHE_DIR), but only {size // MIB} MiB are free; raise "
+        "the function's ephemeral storage."
+    )
+
+
+# Deadlines: generous margins, all well under API Gateway's 29 s.
+DEADLINE_S = 3.0
+SLACK_S = 5.0
+
+
+@pytest.mark.parametrize("call", ["fetch", "current_version"])
+def test_a_silent_s3_is_a_503_at_the_deadline(tmp_path: Path, call: str) -> None:
+    with SilentServer() as silent:
+        store = ModelStore(tmp_path / "cache", s3_client=client_of(silent.endpoint))
+        started = time.monotonic()
+        with pytest.raises(ModelUnavailable, match=r"did not finish within 3 s \(MODEL_LOAD_DEADLINE\)"):
+            getattr(store, call)(S3Archive(MODEL_BUCKET, DEMO_KEY), started + DEADLINE_S)
+        elapsed = time.monotonic() - started
+
+    assert elapsed < DEADLINE_S + SLACK_S
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
+
+
+def test_a_slow_download_stops_at_the_deadline_and_leaves_no_partial_file(
+    s3_server: MotoS3Server, s3: object, tmp_path: Path
+) -> None:
+    with ThrottlingProxy(s3_server.endpoint, bytes_per_second=MIB) as slow_s3:
+        store = ModelStore(tmp_path / "cache", s3_client=client_of(slow_s3.endpoint))
+        started = time.monotonic()
+        with pytest.raises(
+            ModelUnavailable, match=r"MODEL_LOAD_DEADLINE\): it was still downloading the archive"
+        ):
+            store.fetch(S3Archive(MODEL_BUCKET, DEMO_KEY), started + DEADLINE_S)
+        elapsed = time.monotonic() - started
+
+    assert elapsed < DEADLINE_S + SLACK_S
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
+
+
+def test_extraction_stops_at_the_deadline_and_leaves_nothing_half_done(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path / "cache", s3_client=_no_s3)
+
+    with pytest.raises(ModelUnavailable, match=r"MODEL_LOAD_DEADLINE\): it was still extracting the archive"):
+        store.fetch(LocalArchive(DEMO_ARCHIVE), time.monotonic())
+
+    assert list((tmp_path / "cache" / "models").iterdir()) == []
+
+
+@pytest.mark.usefixtures("cache_dir")
+def test_a_cold_request_to_a_silent_s3_is_a_503_within_model_load_deadline(
+    client: Client, image_server: RoutedHTTPServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with SilentServer() as silent:
+        monkeypatch.setenv("AWS_ENDPOINT_URL_S3", silent.endpoint)
+        monkeypatch.setenv("MODEL_BUCKET", MODEL_BUCKET)
+        monkeypatch.setenv("MODEL_KEY", DEMO_KEY)
+        monkeypatch.setenv("MODEL_LOAD_DEADLINE", f"{DEADLINE_S:g}")
+        started = time.monotonic()
+        status, code, message = error_of(classify(client, image_server.url("/coffee.jpg")))
+        elapsed = time.monotonic() - started
+
+    assert (status, code) == (503, "ModelUnavailable")
+    assert "did not finish within 3 s (MODEL_LOAD_DEADLINE)" in message
+    assert elapsed < DEADLINE_S + SLACK_S
