@@ -1,9 +1,12 @@
 """``make bench``: the service measured the way its users pay for it, in one run.
 
 Shared machines are noisy, so the results are ratios between things measured
-in the same process, each the median of ``ROUNDS`` rounds; absolute times are
-context. Everything talks to loopback only (moto S3, a local image host), and
-``make bench`` runs it inside tools/isolated_network.sh.
+in the same process; absolute times are context. A ratio is the median over
+``ROUNDS`` rounds of that round's own ratio, so both sides of it were measured
+close together. A reported p50, p90 or p99 pools every round's samples and
+takes the percentile once, all through ``percentile``. Everything talks to
+loopback only (moto S3, a local image host), and ``make bench`` runs it inside
+tools/isolated_network.sh. ``--part`` measures one part alone.
 
 Both backends are measured in the same run, on the same demo archive (which
 carries the model as TorchScript and as ONNX), switched by MODEL_BACKEND.
@@ -18,10 +21,14 @@ Measured, per image size and per backend where it applies:
   full-size decode, torchvision Resize/CenterCrop/ToTensor/Normalize, no
   inference_mode, torch's default threads;
 - busy: one more end-to-end round while a CPU burner holds the other core;
-- cold start: a fresh process from import to first answer, against a bare
+- cold start: a fresh process from start to its first answer, against a bare
   script that only imports the runtime, loads the model file and runs one
-  forward;
-- peak RSS of a serving process, and Lambda cost per million requests.
+  forward, started the same way and timed to the same marker (the first
+  answer's line arriving here, never the child's exit: tearing torch down
+  takes over a second and is no part of a cold start);
+- peak RSS of a serving process, and Lambda cost per million requests from
+  the mean billed duration (Lambda bills each request by the millisecond,
+  rounded up), not from the p50.
 """
 
 from __future__ import annotations
@@ -30,22 +37,23 @@ import argparse
 import io
 import json
 import logging
+import math
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import tarfile
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager, redirect_stdout
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import boto3
+import numpy
 import onnxruntime
 import requests
 import torch
@@ -54,9 +62,12 @@ from PIL import Image
 from skimage import data as photos
 from torchvision import transforms
 
-from chalicelib.imaging import INTERPOLATIONS, decode_image, to_model_input
+from chalicelib.decoding import decode_image
+from chalicelib.imaging import INTERPOLATIONS, to_model_input
+from chalicelib.model_holder import LoadedModel
+from chalicelib.model_store import parse_classes
 from chalicelib.prediction import softmax
-from chalicelib.service import LoadedModel, get_service
+from chalicelib.service import get_service
 from tools.lambda_sim import image_host, proxy_event
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -69,11 +80,27 @@ PRICE_PER_GB_SECOND = 0.0000166667
 PRICE_PER_MILLION_REQUESTS = 0.20
 # Reported name -> MODEL_BACKEND value.
 BACKENDS = {"torchscript": "torch", "onnx": "onnx"}
+# "warm": everything measured in this process; "cold-start": fresh processes.
+PARTS = ("warm", "cold-start")
 
 
-def percentile(samples: list[float], fraction: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
+def percentile(samples: Sequence[float], fraction: float) -> float:
+    """Every percentile in this file: linear between the nearest ranks, so p50 is the median."""
+    return float(numpy.quantile(samples, fraction))
+
+
+def p50(samples: Sequence[float]) -> float:
+    return percentile(samples, 0.5)
+
+
+def lambda_cost_per_million(durations: Sequence[float], memory_mb: int) -> float:
+    """USD per million requests of these durations (seconds), request charge excluded.
+
+    Lambda bills each request's duration rounded up to the millisecond, so
+    the mean of the billed durations is what a million requests cost.
+    """
+    billed_ms = sum(math.ceil(seconds * 1000) for seconds in durations) / len(durations)
+    return memory_mb / 1024 * billed_ms / 1000 * PRICE_PER_GB_SECOND * 1e6
 
 
 def timed(call: Callable[[], object], count: int, warm_up: int = 5) -> list[float]:
@@ -178,6 +205,10 @@ class Naive:
         return self._classes[int(index)], float(confidence)
 
 
+# Every child prints its answers on lines that start with this; the app logs
+# JSON to stdout too.
+MARKER = "BENCH "
+
 # Peak RSS comes from the child's own VmHWM: getrusage's ru_maxrss survives
 # exec, so in a child it would report this (much larger) process's RSS.
 COLD_SCRIPT = """
@@ -191,68 +222,90 @@ class Context:
         return 29000
 
 first, large = json.loads(sys.argv[1]), json.loads(sys.argv[2])
-print("BENCH", app(first, Context())["statusCode"], flush=True)
+answer = app(first, Context())
+if answer["statusCode"] != 200:
+    sys.exit(f"the cold request answered {answer['statusCode']}: {answer['body']}")
+print("BENCH", answer["statusCode"], flush=True)
 for _ in range(20):
     app(large, Context())
 with open("/proc/self/status") as status:
     print("BENCH", next(line.split()[1] for line in status if line.startswith("VmHWM:")), flush=True)
 """
 
+# Each prints the width of its scores, which must be the archive's class count.
 FLOOR_SCRIPTS = {
     "torchscript": """
 import sys, torch
 torch.set_num_threads(1)
 model = torch.jit.load(sys.argv[1], map_location="cpu").eval()
 with torch.inference_mode():
-    model(torch.zeros(1, 3, 224, 224))
+    print("BENCH", model(torch.zeros(1, 3, 224, 224)).shape[1], flush=True)
 """,
     "onnx": """
 import sys, numpy, onnxruntime
 options = onnxruntime.SessionOptions()
 options.intra_op_num_threads = 1
 session = onnxruntime.InferenceSession(sys.argv[1], options, providers=["CPUExecutionProvider"])
-session.run(None, {session.get_inputs()[0].name: numpy.zeros((1, 3, 224, 224), numpy.float32)})
+scores = session.run(None, {session.get_inputs()[0].name: numpy.zeros((1, 3, 224, 224), numpy.float32)})
+print("BENCH", scores[0].shape[1], flush=True)
 """,
 }
 MODEL_FILES = {"torchscript": "*.pt", "onnx": "*.onnx"}
 
 
+def first_answer(script: str, arguments: Sequence[str], env: Mapping[str, str]) -> tuple[float, list[str]]:
+    """Run ``script`` in a fresh Python: seconds from its start to its first marked line, and every value.
+
+    The clock stops when that line arrives here, flushed by the child as soon
+    as it has its answer, not when the child exits.
+    """
+    with tempfile.TemporaryFile() as errors:
+        started = time.monotonic()
+        with subprocess.Popen(
+            [sys.executable, "-c", script, *arguments], cwd=ROOT, env={**os.environ, **env},
+            stdout=subprocess.PIPE, stderr=errors, text=True,
+        ) as child:  # fmt: skip
+            assert child.stdout is not None
+            marked = (
+                line.removeprefix(MARKER).strip()
+                for line in iter(child.stdout.readline, "")
+                if line.startswith(MARKER)
+            )
+            first = next(marked, None)
+            seconds = time.monotonic() - started
+            rest = list(marked)
+        if child.returncode != 0 or first is None:
+            errors.seek(0)
+            raise RuntimeError(
+                f"cold start child failed ({child.returncode}): {errors.read().decode()[-2000:]}"
+            )
+    return seconds, [first, *rest]
+
+
 def cold_start(urls: dict[str, str], rounds: int, backend: str) -> dict[str, float]:
-    """Fresh processes, median of ``rounds``: ours from start to first answer, and the floor."""
+    """``rounds`` fresh processes each, to the first answer: ours, and the floor right after it."""
     events = [json.dumps(proxy_event(json.dumps({"url": urls[size]}))) for size in ("640x480", "4032x3024")]
     ours, floor, rss = [], [], []
     with tempfile.TemporaryDirectory() as scratch:
         with tarfile.open(DEMO_MODEL) as archive:
             archive.extractall(scratch, filter="data")
         model_file = next(Path(scratch).glob(MODEL_FILES[backend]))
+        class_count = len(parse_classes((Path(scratch) / "classes.txt").read_bytes()))
         for _ in range(rounds):
             with tempfile.TemporaryDirectory() as cache:
-                started = time.monotonic()
-                child = subprocess.Popen(
-                    [sys.executable, "-c", COLD_SCRIPT, *events], cwd=ROOT, stdout=subprocess.PIPE, text=True,
-                    env={**os.environ, "MODEL_CACHE_DIR": cache, "MODEL_BACKEND": BACKENDS[backend]},
-                )  # fmt: skip
-                assert child.stdout is not None
-                # The app logs JSON to stdout too; the script's own lines carry a marker.
-                marked = (
-                    line.split()[1] for line in iter(child.stdout.readline, "") if line.startswith("BENCH ")
+                seconds, (_, peak_kib) = first_answer(
+                    COLD_SCRIPT, events, {"MODEL_CACHE_DIR": cache, "MODEL_BACKEND": BACKENDS[backend]}
                 )
-                status = next(marked, "")
-                ours.append(time.monotonic() - started)
-                rss.append(int(next(marked)) * 1024)
-                child.wait(timeout=300)
-                if status != "200":
-                    raise RuntimeError(f"cold start request answered {status}")
-            started = time.monotonic()
-            subprocess.run(
-                [sys.executable, "-c", FLOOR_SCRIPTS[backend], str(model_file)],
-                check=True,
-                capture_output=True,
-            )
-            floor.append(time.monotonic() - started)
+            ours.append(seconds)
+            rss.append(int(peak_kib) * 1024)
+            seconds, (width,) = first_answer(FLOOR_SCRIPTS[backend], [str(model_file)], {})
+            if int(width) != class_count:
+                raise RuntimeError(f"the {backend} floor gave {width} scores for {class_count} classes")
+            floor.append(seconds)
     return {
-        "cold_start_s": statistics.median(ours),
-        "floor_s": statistics.median(floor),
+        "cold_start_s": p50(ours),
+        "floor_s": p50(floor),
+        "over_floor": p50([mine / bare for mine, bare in zip(ours, floor, strict=True)]),
         "peak_rss_mib": max(rss) / 2**20,
     }
 
@@ -265,13 +318,19 @@ def use_backend(backend: str) -> None:
 def loaded_model(handler: Lambda, backend: str, url: str) -> LoadedModel:
     use_backend(backend)
     handler.classify(url)
-    loaded = get_service().model()
+    loaded = get_service().models.model()
     assert loaded.classifier.backend == backend, loaded.classifier.backend
     return loaded
 
 
-def run(rounds: int, requests_per_size: int, naive_per_size: int) -> dict[str, Any]:
+def run(parts: Sequence[str], rounds: int, requests_per_size: int, naive_per_size: int) -> dict[str, Any]:
     images = {size: jpeg_of("chelsea", dimensions) for size, dimensions in SIZES.items()}
+    result: dict[str, Any] = {
+        "when": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+        f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}",
+        "rounds": rounds,
+    }
     with loopback_s3() as endpoint, image_hosts(images) as urls:
         os.environ.update(
             {
@@ -283,66 +342,66 @@ def run(rounds: int, requests_per_size: int, naive_per_size: int) -> dict[str, A
                 "MODEL_CACHE_DIR": tempfile.mkdtemp(prefix="bench-cache-"),
             }
         )
-        handler = Lambda()
-        # Each backend's classifier stays loaded here for the forward-only timings.
-        models = {backend: loaded_model(handler, backend, urls["640x480"]) for backend in BACKENDS}
-        preprocessing = models["torchscript"].preprocessing
-        files = models["torchscript"].files
-        assert files.torchscript_path is not None
-        default_threads = os.cpu_count() or 1
-        naive = Naive(files.torchscript_path, files.classes, preprocessing)
-        ready = to_model_input(decode_image(images["640x480"], max_pixels=10**9), preprocessing)
+        if "warm" in parts:
+            result |= warm(images, urls, rounds, requests_per_size, naive_per_size)
+        if "cold-start" in parts:
+            result["cold_start"] = {backend: cold_start(urls, rounds, backend) for backend in BACKENDS}
+    return result
 
-        per_round: list[dict[str, float]] = []
-        latencies: dict[str, list[float]] = {f"{b} {size}": [] for b in BACKENDS for size in SIZES}
-        for _ in range(rounds):
-            result: dict[str, float] = {}
-            torch.set_num_threads(1)
-            for backend, loaded in models.items():
-                result[f"forward {backend}"] = statistics.median(
-                    timed(lambda c=loaded.classifier: c.scores([ready]), requests_per_size)
-                )
-            for size, data in images.items():
-                result[f"parts {size}"] = statistics.median(
-                    timed(
-                        lambda data=data: to_model_input(
-                            decode_image(data, max_pixels=10**9, min_short_side=preprocessing.resize),
-                            preprocessing,
-                        ),
-                        requests_per_size,
-                    )
-                )
-            for backend in BACKENDS:
-                use_backend(backend)
-                for size in SIZES:
-                    samples = timed(lambda size=size: handler.classify(urls[size]), requests_per_size)
-                    latencies[f"{backend} {size}"] += samples
-                    result[f"e2e {backend} {size}"] = statistics.median(samples)
-            torch.set_num_threads(default_threads)
-            for size in SIZES:
-                result[f"naive {size}"] = statistics.median(
-                    timed(lambda size=size: naive.classify(urls[size]), naive_per_size, warm_up=2)
-                )
-            torch.set_num_threads(1)
-            per_round.append(result)
 
-        busy = {}
+def warm(
+    images: dict[str, bytes], urls: dict[str, str], rounds: int, requests_per_size: int, naive_per_size: int
+) -> dict[str, Any]:
+    """Everything measured in this process: forward, parts, end to end, naive, busy, experiments, accuracy."""
+    handler = Lambda()
+    # Each backend's classifier stays loaded here for the forward-only timings.
+    models = {backend: loaded_model(handler, backend, urls["640x480"]) for backend in BACKENDS}
+    preprocessing = models["torchscript"].preprocessing
+    files = models["torchscript"].files
+    assert files.torchscript_path is not None
+    default_threads = os.cpu_count() or 1
+    naive = Naive(files.torchscript_path, files.classes, preprocessing)
+    ready = to_model_input(decode_image(images["640x480"], max_pixels=10**9), preprocessing)
+
+    per_round: list[dict[str, list[float]]] = []
+    for _ in range(rounds):
+        samples: dict[str, list[float]] = {}
+        torch.set_num_threads(1)
+        for backend, loaded in models.items():
+            samples[f"forward {backend}"] = timed(
+                lambda c=loaded.classifier: c.scores([ready]), requests_per_size
+            )
+        for size, data in images.items():
+            samples[f"parts {size}"] = timed(
+                lambda data=data: to_model_input(
+                    decode_image(data, max_pixels=10**9, min_short_side=preprocessing.resize),
+                    preprocessing,
+                ),
+                requests_per_size,
+            )
         for backend in BACKENDS:
             use_backend(backend)
-            handler.classify(urls["640x480"])  # builds this backend's service before the burner starts
-            with cpu_burner():
-                busy[backend] = timed(lambda: handler.classify(urls["640x480"]), requests_per_size)
-        experiments = forward_experiments(files.torchscript_path, torch.from_numpy(ready), EXPERIMENT_REPEATS)
-        accuracy = accuracy_check(naive, models["torchscript"])
-        cold = {backend: cold_start(urls, rounds, backend) for backend in BACKENDS}
-    return summarize(
-        per_round=per_round,
-        latencies=latencies,
-        busy=busy,
-        experiments=experiments,
-        accuracy=accuracy,
-        cold=cold,
-    )
+            for size in SIZES:
+                samples[f"e2e {backend} {size}"] = timed(
+                    lambda size=size: handler.classify(urls[size]), requests_per_size
+                )
+        torch.set_num_threads(default_threads)
+        for size in SIZES:
+            samples[f"naive {size}"] = timed(
+                lambda size=size: naive.classify(urls[size]), naive_per_size, warm_up=2
+            )
+        torch.set_num_threads(1)
+        per_round.append(samples)
+
+    busy = {}
+    for backend in BACKENDS:
+        use_backend(backend)
+        handler.classify(urls["640x480"])  # builds this backend's service before the burner starts
+        with cpu_burner():
+            busy[backend] = timed(lambda: handler.classify(urls["640x480"]), requests_per_size)
+    experiments = forward_experiments(files.torchscript_path, torch.from_numpy(ready), EXPERIMENT_REPEATS)
+    accuracy = accuracy_check(naive, models["torchscript"])
+    return summarize(per_round=per_round, busy=busy, experiments=experiments, accuracy=accuracy)
 
 
 def forward_experiments(model_path: Path, ready: torch.Tensor, count: int) -> dict[str, float]:
@@ -355,15 +414,13 @@ def forward_experiments(model_path: Path, ready: torch.Tensor, count: int) -> di
     for threads in (1, 2):
         torch.set_num_threads(threads)
         with torch.inference_mode():
-            results[f"plain, {threads} thread"] = statistics.median(timed(lambda: plain(contiguous), count))
-            results[f"frozen, {threads} thread"] = statistics.median(timed(lambda: frozen(contiguous), count))
-            results[f"frozen channels-last, {threads} thread"] = statistics.median(
+            results[f"plain, {threads} thread"] = p50(timed(lambda: plain(contiguous), count))
+            results[f"frozen, {threads} thread"] = p50(timed(lambda: frozen(contiguous), count))
+            results[f"frozen channels-last, {threads} thread"] = p50(
                 timed(lambda: frozen(channels_last), count)
             )
         with torch.no_grad():
-            results[f"plain no_grad, {threads} thread"] = statistics.median(
-                timed(lambda: plain(contiguous), count)
-            )
+            results[f"plain no_grad, {threads} thread"] = p50(timed(lambda: plain(contiguous), count))
         with cpu_burner(), torch.inference_mode():
             samples = timed(lambda: frozen(channels_last), count)
             results[f"frozen channels-last, {threads} thread, other core busy, p99"] = percentile(
@@ -393,57 +450,49 @@ def accuracy_check(naive: Naive, ours: LoadedModel) -> dict[str, Any]:
 
 def summarize(
     *,
-    per_round: list[dict[str, float]],
-    latencies: dict[str, list[float]],
+    per_round: list[dict[str, list[float]]],
     busy: dict[str, list[float]],
     experiments: dict[str, float],
     accuracy: dict[str, Any],
-    cold: dict[str, dict[str, float]],
 ) -> dict[str, Any]:
-    def median_of(key: str) -> float:
-        return statistics.median(r[key] for r in per_round)
+    def pooled(key: str) -> list[float]:
+        return [sample for samples in per_round for sample in samples[key]]
 
-    def ratio_of(numerator: str, denominator: Callable[[dict[str, float]], float]) -> float:
-        return statistics.median(r[numerator] / denominator(r) for r in per_round)
+    def ratio_of(numerator: str, denominator: Callable[[dict[str, list[float]]], float]) -> float:
+        return p50([p50(samples[numerator]) / denominator(samples) for samples in per_round])
 
     config = json.loads((ROOT / ".chalice" / "config.json").read_text())
     memory_mb = config["stages"]["prod"]["lambda_memory_size"]
     sizes: dict[str, dict[str, Any]] = {}
     for size in SIZES:
         sizes[size] = {
-            "parts_p50_ms": median_of(f"parts {size}") * 1000,
-            "naive_p50_ms": median_of(f"naive {size}") * 1000,
+            "parts_p50_ms": p50(pooled(f"parts {size}")) * 1000,
+            "naive_p50_ms": p50(pooled(f"naive {size}")) * 1000,
             "onnx_over_torchscript": ratio_of(
-                f"e2e onnx {size}", lambda r, s=size: r[f"e2e torchscript {s}"]
+                f"e2e onnx {size}", lambda r, s=size: p50(r[f"e2e torchscript {s}"])
             ),
         }
         for backend in BACKENDS:
             e2e, forward = f"e2e {backend} {size}", f"forward {backend}"
-            p50 = median_of(e2e)
+            latencies = pooled(e2e)
             sizes[size][backend] = {
-                "e2e_p50_ms": p50 * 1000,
-                "e2e_p90_ms": percentile(latencies[f"{backend} {size}"], 0.90) * 1000,
-                "e2e_p99_ms": percentile(latencies[f"{backend} {size}"], 0.99) * 1000,
-                "e2e_over_parts": ratio_of(e2e, lambda r, s=size, f=forward: r[f"parts {s}"] + r[f]),
-                "e2e_over_naive": ratio_of(e2e, lambda r, s=size: r[f"naive {s}"]),
-                "cost_per_million_usd": memory_mb / 1024 * p50 * PRICE_PER_GB_SECOND * 1e6,
+                "e2e_p50_ms": p50(latencies) * 1000,
+                "e2e_p90_ms": percentile(latencies, 0.90) * 1000,
+                "e2e_p99_ms": percentile(latencies, 0.99) * 1000,
+                "e2e_over_parts": ratio_of(
+                    e2e, lambda r, s=size, f=forward: p50(r[f"parts {s}"]) + p50(r[f])
+                ),
+                "e2e_over_naive": ratio_of(e2e, lambda r, s=size: p50(r[f"naive {s}"])),
+                "cost_per_million_usd": lambda_cost_per_million(latencies, memory_mb),
             }
     busy_summary = {}
     for backend, samples in busy.items():
-        p50, p99 = percentile(samples, 0.5), percentile(samples, 0.99)
-        busy_summary[backend] = {"p50_ms": p50 * 1000, "p99_ms": p99 * 1000, "p99_over_p50": p99 / p50}
+        median, p99 = p50(samples), percentile(samples, 0.99)
+        busy_summary[backend] = {"p50_ms": median * 1000, "p99_ms": p99 * 1000, "p99_over_p50": p99 / median}
     return {
-        "when": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-        f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}",
-        "rounds": len(per_round),
-        "forward_p50_ms": {backend: median_of(f"forward {backend}") * 1000 for backend in BACKENDS},
+        "forward_p50_ms": {backend: p50(pooled(f"forward {backend}")) * 1000 for backend in BACKENDS},
         "sizes": sizes,
         "busy_other_core": busy_summary,
-        "cold_start": {
-            backend: {**values, "over_floor": values["cold_start_s"] / values["floor_s"]}
-            for backend, values in cold.items()
-        },
         "lambda_memory_mb": memory_mb,
         "accuracy_at_4032x3024": accuracy,
         "forward_experiments_ms": {k: v * 1000 for k, v in experiments.items()},
@@ -451,6 +500,14 @@ def summarize(
 
 
 def targets(result: dict[str, Any]) -> list[tuple[str, float, float, bool]]:
+    """The targets of the parts this run measured."""
+    rows = (warm_targets(result) if "sizes" in result else []) + (
+        cold_targets(result) if "cold_start" in result else []
+    )
+    return [(name, value, limit, value <= limit) for name, value, limit in rows]
+
+
+def warm_targets(result: dict[str, Any]) -> list[tuple[str, float, float]]:
     sizes = result["sizes"]
     rows = [
         ("ONNX e2e p50 / TorchScript e2e p50, 640x480", sizes["640x480"]["onnx_over_torchscript"], 0.5),
@@ -473,11 +530,6 @@ def targets(result: dict[str, Any]) -> list[tuple[str, float, float, bool]]:
                 3.0,
             ),
         ]
-    # ONNX's bare floor (import onnxruntime, one run) is a fraction of a second, less than
-    # importing boto3 and downloading the archive, so its ratio says little; both are printed.
-    rows.append(
-        ("torchscript: cold start / bare floor", result["cold_start"]["torchscript"]["over_floor"], 1.3)
-    )
     rows.append(
         (
             "max probability change, draft decode",
@@ -485,12 +537,34 @@ def targets(result: dict[str, Any]) -> list[tuple[str, float, float, bool]]:
             0.02,
         )
     )
-    return [(name, value, limit, value <= limit) for name, value, limit in rows]
+    return rows
+
+
+def cold_targets(result: dict[str, Any]) -> list[tuple[str, float, float]]:
+    # ONNX's bare floor (import onnxruntime, one run) is a fraction of a second, less than
+    # importing boto3 and downloading the archive, so its ratio says little; both are printed.
+    return [("torchscript: cold start / bare floor", result["cold_start"]["torchscript"]["over_floor"], 1.3)]
 
 
 def print_table(result: dict[str, Any]) -> None:
+    print(f"\n{result['machine']}; {result['rounds']} rounds, percentiles over all of them")
+    measured_warm = "sizes" in result
+    if measured_warm:
+        print_warm(result)
+    if "cold_start" in result:
+        print_cold(result)
+    print(f"\n{'target':58} {'value':>7} {'limit':>6}")
+    for name, value, limit, met in targets(result):
+        print(f"{name:58} {value:7.3f} {limit:6.2f}  {'met' if met else 'MISSED'}")
+    if measured_warm:
+        print("\nforward experiments, TorchScript (p50 ms unless marked):")
+        for name, value in result["forward_experiments_ms"].items():
+            print(f"  {name:60} {value:7.1f}")
+
+
+def print_warm(result: dict[str, Any]) -> None:
     forward = ", ".join(f"{b} {ms:.1f} ms" for b, ms in result["forward_p50_ms"].items())
-    print(f"\n{result['machine']}; median of {result['rounds']} rounds; forward p50 {forward}")
+    print(f"forward p50 {forward}")
     print(
         f"\n{'size':10} {'backend':12} {'e2e p50':>8} {'p90':>7} {'p99':>7} {'parts':>7} {'naive':>7} "
         f"{'$/1M':>6}  (ms)"
@@ -504,21 +578,22 @@ def print_table(result: dict[str, Any]) -> None:
                 f"{own['e2e_p99_ms']:7.1f} {parts:7.1f} {row['naive_p50_ms']:7.1f} "
                 f"{own['cost_per_million_usd']:6.2f}"
             )
-    for backend, cold in result["cold_start"].items():
-        print(
-            f"\n{backend}: cold start {cold['cold_start_s']:.2f} s, bare floor {cold['floor_s']:.2f} s; "
-            f"peak RSS {cold['peak_rss_mib']:.0f} MiB",
-            end="",
-        )
-    print(f"\nLambda {result['lambda_memory_mb']} MB (+ ${PRICE_PER_MILLION_REQUESTS:.2f}/1M requests)")
+    print(
+        f"Lambda {result['lambda_memory_mb']} MB, billed per ms "
+        f"(+ ${PRICE_PER_MILLION_REQUESTS:.2f}/1M requests)"
+    )
     accuracy = result["accuracy_at_4032x3024"]
     print(f"draft decode at 4032x3024: top-1 unchanged {accuracy['top1_unchanged']} on {accuracy['photos']}")
-    print(f"\n{'target':58} {'value':>7} {'limit':>6}")
-    for name, value, limit, met in targets(result):
-        print(f"{name:58} {value:7.3f} {limit:6.2f}  {'met' if met else 'MISSED'}")
-    print("\nforward experiments, TorchScript (p50 ms unless marked):")
-    for name, value in result["forward_experiments_ms"].items():
-        print(f"  {name:60} {value:7.1f}")
+
+
+def print_cold(result: dict[str, Any]) -> None:
+    print()
+    for backend, cold in result["cold_start"].items():
+        print(
+            f"{backend}: cold start {cold['cold_start_s']:.2f} s, bare floor {cold['floor_s']:.2f} s "
+            f"(both to the first answer), ratio {cold['over_floor']:.2f}; "
+            f"peak RSS {cold['peak_rss_mib']:.0f} MiB"
+        )
 
 
 # moto needs credentials of some kind; these keep boto3 from looking further
@@ -542,19 +617,29 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--requests", type=int, default=200, help="end-to-end requests per size per round")
     parser.add_argument("--naive-requests", type=int, default=30, help="naive requests per size per round")
-    parser.add_argument("--reference", action="store_true", help="write bench/results/reference.json")
+    parser.add_argument(
+        "--part", choices=PARTS, action="append", help="measure only this part (repeatable; default: all)"
+    )
+    destination = parser.add_mutually_exclusive_group()
+    destination.add_argument("--reference", action="store_true", help="write bench/results/reference.json")
+    destination.add_argument("--output", type=Path, help="write the JSON here, not to bench/results/")
     args = parser.parse_args()
+    parts = args.part or PARTS
+    if args.reference and set(parts) != set(PARTS):
+        parser.error("--reference needs every part: it is the run the README quotes")
     torch.set_num_threads(1)
     # The app's JSON logs and EMF metrics are part of what a request costs, but
     # not of what this command reports: they go to /dev/null.
     with Path(os.devnull).open("w") as sink, redirect_stdout(sink):
-        result = run(args.rounds, args.requests, args.naive_requests)
+        result = run(parts, args.rounds, args.requests, args.naive_requests)
     result["targets"] = [{"name": n, "value": v, "limit": lim, "met": m} for n, v, lim, m in targets(result)]
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    name = "reference.json" if args.reference else f"run-{result['when'].replace(':', '')}.json"
-    (RESULTS / name).write_text(json.dumps(result, indent=2) + "\n")
+    output = args.output or RESULTS / (
+        "reference.json" if args.reference else f"run-{result['when'].replace(':', '')}.json"
+    )
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(result, indent=2) + "\n")
     print_table(result)
-    print(f"\nwrote bench/results/{name}")
+    print(f"\nwrote {output}")
 
 
 if __name__ == "__main__":

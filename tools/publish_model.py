@@ -13,6 +13,13 @@ given ``--module`` (the faster graph), else from the TorchScript file. It
 publishes only if the two agree on random inputs and real photographs
 (scikit-image's, plus any ``--check-image``).
 
+The tool, not the input file, names the models in the archive (``model.pt``,
+``model.onnx``): a valid model saved as ``model.torchscript``, ``MODEL.PT``
+or ``classes.txt`` would otherwise be skipped by the service or clash with
+another member. The archive, once written, is then loaded by the service
+itself (``ModelHolder``), once with each backend it carries; only
+an archive the service accepts reaches ``--output`` and S3.
+
 Example::
 
     python -m tools.publish_model --torchscript resnet50_jit.pth --classes classes.txt \\
@@ -28,7 +35,7 @@ import importlib
 import io
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -36,9 +43,12 @@ from urllib.parse import urlsplit
 import boto3
 import torch
 
+from chalicelib.backends import Backend
 from chalicelib.errors import ModelUnavailable
 from chalicelib.imaging import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, Preprocessing
+from chalicelib.model_holder import ModelHolder
 from chalicelib.model_store import parse_classes
+from chalicelib.settings import Settings
 from chalicelib.torchscript_backend import load_classifier
 from tools.model_archive import write_archive
 from tools.onnx_export import (
@@ -49,6 +59,10 @@ from tools.onnx_export import (
     export_torchscript,
     sample_photos,
 )
+
+TORCHSCRIPT_FILENAME = "model.pt"
+# Each model file the archive may carry, and the MODEL_BACKEND that serves it.
+SERVED_BY: dict[str, Backend] = {TORCHSCRIPT_FILENAME: "torch", ONNX_FILENAME: "onnx"}
 
 
 def module_from_factory(factory: str, checkpoint: Path | None) -> torch.nn.Module:
@@ -77,6 +91,40 @@ def validate(
         path = Path(scratch) / model_filename
         path.write_bytes(model_bytes)
         load_classifier(path, tuple(classes), preprocessing.crop, threads=1)
+
+
+def check_served(archive: Path, served_by: Sequence[Backend]) -> None:
+    """Load the archive through the service itself, once per backend; raise if it would refuse it.
+
+    What is checked is the archive as written (member names, ``classes.txt``
+    and ``manifest.json`` as the service reads them back), on the service's
+    own path: its settings, model holder, store, backend choice and loaders, so the check
+    cannot drift from what a deployment does.
+    """
+    with tempfile.TemporaryDirectory() as cache:
+        for backend in served_by:
+            environ = {"MODEL_PATH": str(archive), "MODEL_CACHE_DIR": cache, "MODEL_BACKEND": backend}
+            try:
+                ModelHolder(Settings.from_environ(environ).model).model()
+            except ModelUnavailable as error:
+                raise ModelUnavailable(f"the service would refuse the archive as written: {error}") from error
+
+
+def write_checked_archive(
+    output: Path, models: Mapping[str, bytes], classes: Sequence[str], manifest: Mapping[str, Any]
+) -> None:
+    """Write ``output`` only if ``check_served`` accepts the archive.
+
+    It is written beside ``output`` and moved there after the check, so a
+    refused archive never sits where it could be uploaded or deployed, and an
+    earlier good one is kept.
+    """
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=output.parent, prefix=".publish-") as scratch:
+        written = Path(scratch) / output.name
+        write_archive(written, models, classes, manifest)
+        check_served(written, [SERVED_BY[filename] for filename in models])
+        written.replace(output)
 
 
 def upload(archive: Path, destination: str, endpoint_url: str | None) -> tuple[str, str]:
@@ -128,11 +176,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         classes = parse_classes(args.classes.read_bytes())
         eager = None if args.module is None else module_from_factory(args.module, args.checkpoint)
         if eager is None:
-            model_filename, model_bytes = args.torchscript.name, args.torchscript.read_bytes()
+            source_name, model_bytes = args.torchscript.name, args.torchscript.read_bytes()
         else:
-            model_filename, model_bytes = f"{args.name}.pt", torchscript_of(eager, args.crop, args.trace)
-        validate(model_bytes, model_filename, classes, preprocessing)
-        models = {model_filename: model_bytes}
+            source_name, model_bytes = TORCHSCRIPT_FILENAME, torchscript_of(eager, args.crop, args.trace)
+        validate(model_bytes, source_name, classes, preprocessing)
+        models = {TORCHSCRIPT_FILENAME: model_bytes}
         if args.onnx:
             models[ONNX_FILENAME] = (
                 export_torchscript(model_bytes, preprocessing.crop)
@@ -145,9 +193,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                 f"TorchScript and ONNX agree within {agreement.max_probability_difference:.1g} on "
                 f"{agreement.random_inputs_checked} random inputs and {agreement.images_checked} photos"
             )
+        write_checked_archive(args.output, models, classes, manifest)
     except (ModelUnavailable, ExportRefused) as error:
         raise SystemExit(f"not published: {error}") from error
-    write_archive(args.output, models, classes, manifest)
     print(f"wrote {args.output} ({args.output.stat().st_size:,} bytes, {len(classes)} classes)")
     if args.s3:
         bucket, key = upload(args.output, args.s3, args.endpoint_url)

@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from chalicelib.backends import Backend
+from chalicelib.errors import ModelUnavailable
 from chalicelib.service import get_service
 from tests.conftest import MODEL_BUCKET
 from tests.support.api import label_of
@@ -16,11 +18,14 @@ from tests.support.archives import (
     FourierColour,
     MeanColour,
     NoisyColour,
+    onnx_colour_model,
     solid_png,
+    tar_gz,
     traced_colour_model,
 )
 from tests.support.http_server import RoutedHTTPServer, serve_bytes
 from tests.support.s3 import MotoS3Server
+from tools.publish_model import check_served
 from tools.publish_model import main as publish
 
 
@@ -84,7 +89,7 @@ def test_a_torchscript_file_round_trips_through_s3_and_the_service(
     assert f'"MODEL_BUCKET": "{MODEL_BUCKET}"' in printed
     assert f'"MODEL_KEY": "{key}"' in printed
     assert label_of(blue_image_url) == "blue"
-    assert get_service().model().files.manifest["preprocessing"]["crop"] == 224
+    assert get_service().models.model().files.manifest["preprocessing"]["crop"] == 224
 
 
 @pytest.mark.usefixtures("cache_dir")
@@ -156,9 +161,108 @@ def test_onnx_flag_publishes_both_formats_and_the_service_runs_onnx(
     assert "agree within" in printed
     assert "4 photos" in printed  # scikit-image's three and the --check-image
     assert label_of(blue_image_url) == "blue"
-    files = get_service().model().files
-    assert (files.torchscript_path.name, files.onnx_path.name) == ("resnet50_jit.pth", "model.onnx")  # type: ignore[union-attr]
-    assert get_service().model().classifier.backend == "onnx"
+    files = get_service().models.model().files
+    assert (files.torchscript_path.name, files.onnx_path.name) == ("model.pt", "model.onnx")  # type: ignore[union-attr]
+    assert get_service().models.model().classifier.backend == "onnx"
+
+
+@pytest.mark.usefixtures("cache_dir")
+@pytest.mark.parametrize(
+    ("filename", "onnx"),
+    [
+        ("model.torchscript", False),  # not a suffix the service reads as TorchScript
+        ("MODEL.PT", False),  # nor is an upper-case one
+        ("._resnet50.pth", False),  # macOS metadata files are skipped on extraction
+        ("classes.txt", False),  # would sit beside the real classes.txt
+        ("model.onnx", True),  # would be overwritten by the exported ONNX model
+    ],
+)
+def test_a_torchscript_file_under_any_name_is_published_as_one_the_service_serves(
+    s3_server: MotoS3Server,
+    s3: object,
+    tmp_path: Path,
+    classes_file: Path,
+    blue_image_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    filename: str,
+    onnx: bool,
+) -> None:
+    model = tmp_path / "exported" / filename  # beside, not over, the classes file
+    model.parent.mkdir()
+    model.write_bytes(traced_colour_model())
+    key = f"published/named-{filename}/model.tar.gz"
+
+    publish_to(
+        s3_server, tmp_path, key,
+        "--torchscript", str(model), "--classes", str(classes_file), *(["--onnx"] if onnx else []),
+    )  # fmt: skip
+    serve_from(monkeypatch, key)
+    monkeypatch.setenv("MODEL_BACKEND", "torch")
+
+    assert label_of(blue_image_url) == "blue"
+
+
+@pytest.mark.usefixtures("cache_dir")
+def test_the_model_name_is_not_a_path_in_the_archive(
+    s3_server: MotoS3Server,
+    s3: object,
+    tmp_path: Path,
+    classes_file: Path,
+    blue_image_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    key = "published/name-with-dots/model.tar.gz"
+
+    publish_to(
+        s3_server, tmp_path, key,
+        "--module", f"{MeanColour.__module__}:{MeanColour.__name__}", "--name", "../colours",
+        "--classes", str(classes_file),
+    )  # fmt: skip
+    serve_from(monkeypatch, key)
+
+    assert label_of(blue_image_url) == "blue"
+    assert get_service().models.model().files.manifest["name"] == "../colours"
+
+
+def test_a_classes_file_with_a_blank_line_is_not_published(
+    s3_server: MotoS3Server, s3: object, tmp_path: Path
+) -> None:
+    model = tmp_path / "model.pt"
+    model.write_bytes(traced_colour_model())
+    gap = tmp_path / "classes.txt"
+    gap.write_text("red\n\ngreen\nblue\n")
+    key = "published/blank-line/model.tar.gz"
+
+    with pytest.raises(SystemExit, match=r"classes\.txt line 2 is empty"):
+        publish_to(
+            s3_server, tmp_path, key,
+            "--torchscript", str(model), "--classes", str(gap),
+        )  # fmt: skip
+
+    assert_nothing_published(s3, tmp_path, key)
+
+
+@pytest.mark.parametrize(
+    ("members", "backends", "cause"),
+    [
+        # What publish_model wrote for a TorchScript file named model.torchscript.
+        ({"model.torchscript": traced_colour_model()}, ("torch",), r"must hold one TorchScript file"),
+        # What it wrote for a TorchScript file named model.onnx, with --onnx.
+        ({"model.onnx": onnx_colour_model()}, ("torch", "onnx"), r"has only model\.onnx"),
+        # A TorchScript file in the ONNX model's place.
+        ({"model.onnx": traced_colour_model()}, ("onnx",), r"model\.onnx is not a loadable ONNX model"),
+    ],
+)
+def test_an_archive_the_service_would_refuse_fails_the_check(
+    tmp_path: Path, members: dict[str, bytes], backends: tuple[Backend, ...], cause: str
+) -> None:
+    archive = tmp_path / "model.tar.gz"
+    archive.write_bytes(tar_gz({**members, "classes.txt": "\n".join(COLOUR_CLASSES).encode()}))
+
+    with pytest.raises(
+        ModelUnavailable, match=rf"the service would refuse the archive as written: .*{cause}"
+    ):
+        check_served(archive, backends)
 
 
 @pytest.mark.parametrize(
