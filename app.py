@@ -13,10 +13,12 @@ from chalice import Chalice, Response
 from chalice.app import Request
 
 from chalicelib import demo_page, observability
+from chalicelib.model_holder import LoadedModel
 from chalicelib.payload import IMAGE_TYPES, JSON_TYPE, parse_invocation
-from chalicelib.service import LoadedModel, Outcome, get_service, settings_or_none
+from chalicelib.service import Outcome, get_service, settings_or_none
 
-app = Chalice(app_name="chalice-classifier")
+# configure_logs=False: logging is set up once, per request, by observability.
+app = Chalice(app_name="chalice-classifier", configure_logs=False)
 app.api.binary_types.extend(t for t in IMAGE_TYPES if t not in app.api.binary_types)
 
 
@@ -39,11 +41,16 @@ def around_every_request(request: Request, get_response: Callable[[Request], Res
     return response
 
 
+@app.route("/", methods=["OPTIONS"])
 @app.route("/invocations", methods=["OPTIONS"])
 @app.route("/model", methods=["OPTIONS"])
 @app.route("/ping", methods=["OPTIONS"])
 def preflight() -> Response:
-    """CORS preflight; the middleware adds the headers when the origin is allowed."""
+    """CORS preflight; the middleware adds the headers when the origin is allowed.
+
+    Every route has one, so the CORS policy is always ours: for a route
+    without it, `chalice local` would answer the preflight itself.
+    """
     return Response(body="", status_code=204)
 
 
@@ -69,15 +76,15 @@ def invocations() -> dict[str, object]:
 @app.route("/ping", methods=["GET"])
 def ping() -> dict[str, object]:
     """SageMaker-style health check: cheap; ``?deep=1`` loads the model if it has to."""
-    service = get_service()
+    models = get_service().models
     if (app.current_request.query_params or {}).get("deep") in ("1", "true"):
-        service.model()
-    return {"status": "ok", "model_loaded": service.model_loaded}
+        models.model()
+    return {"status": "ok", "model_loaded": models.loaded}
 
 
 @app.route("/model", methods=["GET"])
 def model() -> dict[str, object]:
-    return _model_info(get_service().model())
+    return _model_info(get_service().models.model())
 
 
 def _prediction(outcome: Outcome, *, with_top_k: bool) -> dict[str, object]:

@@ -20,9 +20,9 @@ from pathlib import Path
 from types import ModuleType
 from typing import Literal
 
-from chalicelib.errors import ModelUnavailable, TorchUnavailable
+from chalicelib.errors import ModelUnavailable, TorchUnavailable, first_line
 from chalicelib.model_store import ModelFiles
-from chalicelib.prediction import Classifier, first_line
+from chalicelib.prediction import Classifier
 
 Backend = Literal["torch", "onnx"]
 BACKEND_SETTINGS = ("auto", "torch", "onnx")

@@ -4,12 +4,16 @@ Chalice's own ``cors=`` is fixed when ``app.py`` is imported, which happens
 at packaging time on the developer's machine, before any stage's environment
 exists. So the headers are computed per request from ``CORS_ALLOW_ORIGIN``:
 ``*`` for any origin (the dev stage), a comma-separated list of exact
-origins, or unset for no CORS at all (prod, until someone sets it).
+origins, or unset for no CORS at all (prod, until someone sets it). Anything
+else (``*`` among origins, a path, a missing scheme) is refused with a
+``ValueError`` that says why: a setting that silently allows nothing would
+look, to the team behind the web client, exactly like a bug of ours.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 ALLOWED_METHODS = "GET, POST, OPTIONS"
 ALLOWED_HEADERS = "Content-Type"
@@ -27,13 +31,13 @@ class CorsPolicy:
         value = value.strip()
         if value == "*":
             return cls(any_origin=True)
-        return cls(origins=frozenset(o.strip().rstrip("/") for o in value.split(",") if o.strip()))
+        return cls(origins=frozenset(_origin(part) for part in value.split(",") if part.strip()))
 
     def headers(self, origin: str | None, *, preflight: bool) -> dict[str, str]:
         """The CORS response headers for a request from ``origin``; none if it is not allowed."""
         if self.any_origin:
             headers = {"Access-Control-Allow-Origin": "*"}
-        elif origin is not None and origin.rstrip("/") in self.origins:
+        elif origin is not None and origin.rstrip("/").lower() in self.origins:
             headers = {"Access-Control-Allow-Origin": origin, "Vary": "Origin"}
         else:
             return {}
@@ -43,3 +47,22 @@ class CorsPolicy:
             headers["Access-Control-Allow-Headers"] = ALLOWED_HEADERS
             headers["Access-Control-Max-Age"] = PREFLIGHT_MAX_AGE
         return headers
+
+
+def _origin(text: str) -> str:
+    """One origin as browsers send it, ``scheme://host[:port]``; the trailing slash is forgiven."""
+    origin = text.strip().rstrip("/")
+    if origin == "*":
+        raise ValueError("'*' allows any origin only on its own, not in a list")
+    try:
+        parts = urlsplit(origin)
+        parts.port  # noqa: B018 - raises ValueError on a malformed port
+    except ValueError as error:
+        raise ValueError(f"{origin!r} is not an origin ({error})") from error
+    if parts.scheme not in ("http", "https") or not parts.hostname or "*" in origin:
+        raise ValueError(
+            f"{origin!r} is not an origin: expected scheme://host[:port], such as https://app.example"
+        )
+    if parts.path or parts.query or parts.fragment or parts.username or parts.password:
+        raise ValueError(f"{origin!r} is not an origin: an origin has no path, query or user")
+    return origin.lower()

@@ -17,7 +17,8 @@ and httpx do, so library-style callers can catch ``ValueError`` or
     ├── UpstreamTimeout (TimeoutError)        504  image host too slow
     ├── ModelUnavailable (RuntimeError)       503  model archive missing, unreadable or invalid
     │   └── TorchUnavailable                  503  PyTorch cannot be unpacked or imported
-    └── ConfigurationError (RuntimeError)     503  the environment is set wrongly
+    ├── ConfigurationError (RuntimeError)     503  the environment is set wrongly
+    └── InternalError (RuntimeError)          500  one batch item hit a bug of ours (logged)
 
 Messages say what was expected and what arrived; they never carry stack
 traces, credentials or the contents of the model bucket.
@@ -66,3 +67,19 @@ class TorchUnavailable(ModelUnavailable):
 
 class ConfigurationError(ClassifierError, RuntimeError):
     STATUS_CODE = 503
+
+
+class InternalError(ClassifierError, RuntimeError):
+    """A bug of ours, met by one item of a batch: the others still get their answers.
+
+    A single request that meets one gets Chalice's own 500, and the traceback
+    goes to the log with the request id, never to the client.
+    """
+
+    STATUS_CODE = 500
+
+
+def first_line(error: BaseException) -> str:
+    """An exception's first line: enough to name the problem, never a traceback."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

@@ -1,20 +1,32 @@
-"""One structured log line and one set of CloudWatch metrics per request.
+"""Logging, configured once, and one structured log line and one set of metrics per request.
 
-aws-lambda-powertools does the formatting: its Logger writes JSON lines and
-its Metrics write CloudWatch Embedded Metric Format, the field's standard on
-Lambda, and both just print to stdout, so they work the same under
-``chalice local`` and ``chalice.test``. The line carries the request id
-(Lambda's ``aws_request_id``, also sent back as ``x-request-id``), the route,
-status and error Code, the input kind and image bytes, the fetch, decode and
-inference milliseconds, and the model version. It never carries the image or
-the request body.
+Every log record of ours (``chalicelib.*``) and of the Chalice app's own
+logger (which reports uncaught errors, with their traceback) goes through one
+handler, as one JSON line on stdout, carrying the request id, at the level
+``LOG_LEVEL`` sets. Nothing else configures them: the app is built with
+``configure_logs=False`` (Chalice would add a plain-text handler to the
+logger that shares its name with the service), and they do not propagate to
+the root logger, where Lambda's runtime prints every record a second time.
+Nothing is read from the environment at import, so a wrong ``LOG_LEVEL`` is
+the documented 503, never an import that fails.
+
+aws-lambda-powertools does the formatting: its JSON formatter for the log
+lines and its Metrics for CloudWatch Embedded Metric Format, the field's
+standard on Lambda; both just print to stdout, so they work the same under
+``chalice local`` and ``chalice.test``. The request line carries the request
+id (Lambda's ``aws_request_id``, also sent back as ``x-request-id``), the
+route, status and error Code, the input kind and image bytes, the fetch,
+decode and inference milliseconds, and the model version. It never carries
+the image or the request body.
 
 The request's record lives in a context variable; batch workers run in a
-copy of the request's context, so their timings land on the same record.
+copy of the request's context, so their timings, and their log lines' request
+id, land on the same request.
 """
 
 from __future__ import annotations
 
+import logging
 import sys
 import threading
 import time
@@ -23,14 +35,15 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field, fields
 
-from aws_lambda_powertools import Logger
-from aws_lambda_powertools.logging.utils import copy_config_to_registered_loggers
+from aws_lambda_powertools.logging.formatter import LambdaPowertoolsFormatter
 from aws_lambda_powertools.metrics import MetricUnit, single_metric
 
 SERVICE = "chalice-classifier"
 NAMESPACE = "ChaliceClassifier"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 DEFAULT_LOG_LEVEL = "INFO"
+# Ours, and the Chalice app's (named after the app): the loggers this module configures.
+OUR_LOGGERS = ("chalicelib", SERVICE)
 
 
 class _CurrentStdout:
@@ -47,9 +60,36 @@ class _CurrentStdout:
         sys.stdout.flush()
 
 
-logger = Logger(service=SERVICE, stream=_CurrentStdout())
+logger = logging.getLogger(__name__)
 _current: ContextVar[RequestRecord | None] = ContextVar("request_record", default=None)
-_configured = threading.Event()
+_configure_once = threading.Lock()
+_handler: logging.Handler | None = None
+
+
+class _RequestIdFilter(logging.Filter):
+    """Stamps every record with the id of the request it was logged for, if any."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        current = _current.get()
+        if current is not None and not hasattr(record, "request_id"):
+            record.request_id = current.request_id
+        return True
+
+
+def configure_logging(level: str) -> None:
+    """Send our loggers' records, as JSON lines, to stdout at ``level``; the handler is made once."""
+    global _handler  # noqa: PLW0603 - logging is process-wide state
+    with _configure_once:
+        if _handler is None:
+            _handler = logging.StreamHandler(_CurrentStdout())
+            _handler.setFormatter(LambdaPowertoolsFormatter(service=SERVICE))
+            _handler.addFilter(_RequestIdFilter())
+            for name in OUR_LOGGERS:
+                configured = logging.getLogger(name)
+                configured.handlers = [_handler]
+                configured.propagate = False
+        for name in OUR_LOGGERS:
+            logging.getLogger(name).setLevel(level)
 
 
 @dataclass
@@ -75,11 +115,7 @@ class RequestRecord:
 
 
 def begin(request_id: str, route: str, method: str, level: str) -> RequestRecord:
-    if not _configured.is_set():
-        # chalicelib's own loggers (model downloads and the like) speak JSON too.
-        copy_config_to_registered_loggers(source_logger=logger, include={"chalicelib"})
-        _configured.set()
-    logger.setLevel(level)
+    configure_logging(level)
     record = RequestRecord(request_id=request_id, route=route, method=method)
     _current.set(record)
     return record

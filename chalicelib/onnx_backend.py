@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime
 
-from chalicelib.errors import ModelUnavailable
-from chalicelib.prediction import Classifier, first_line, nhwc_batch
+from chalicelib.errors import ModelUnavailable, first_line
+from chalicelib.prediction import Classifier, nhwc_batch
 
 BACKEND = "onnx"
 

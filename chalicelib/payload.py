@@ -6,11 +6,16 @@
 - JSON ``{"urls": [...]}`` or ``{"images": [...]}`` for a batch of up to ``MAX_BATCH``;
 - a raw image body (``image/jpeg``, ``image/png``, ``image/webp``,
   ``image/gif`` or ``application/octet-stream``);
+- a body with no Content-Type at all, which Chalice lets through as JSON:
+  it is read as JSON when it starts like a JSON object, and as image bytes
+  otherwise, and the messages say which it was taken for;
 
 and ``top_k`` as a query parameter or a JSON field. Chalice's own
 ``json_body`` answers malformed JSON with a bare "Error Parsing JSON";
 parsing the raw body here lets the message say where the JSON broke and what
-shape was expected. Sizes are checked before anything is decoded.
+shape was expected. Sizes are checked before anything is decoded, and every
+input carries a description of itself (``ImageInput.source``), so an image
+that will not decode is named the way the caller sent it.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -31,14 +37,19 @@ IMAGE_TYPES = ("image/jpeg", "image/png", "image/webp", "image/gif", "applicatio
 # and a base64 or binary body grows by a third on the way in.
 DEFAULT_MAX_BODY_BYTES = 6 * 1024 * 1024
 DEFAULT_MAX_BATCH = 8
+# More than any model's class count; keeps absurd numbers out of messages.
+MAX_TOP_K = 1_000_000
+ASCII_DIGITS = re.compile(r"[0-9]{1,7}")
+DATA_URL = re.compile(r"data:[^,;]*(?:;[^,;]*)*;base64,", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
 class ImageInput:
-    """One image to classify: a URL to fetch, or the bytes themselves."""
+    """One image to classify: a URL to fetch, or the bytes themselves, and how the caller sent it."""
 
     url: str | None = None
     data: bytes | None = None
+    source: str = "The image"
 
     @property
     def kind(self) -> str:
@@ -69,10 +80,14 @@ def parse_invocation(
         )
     query_top_k = _top_k((query or {}).get("top_k"), source="query parameter")
     media_type = content_type.split(";", 1)[0].strip().lower()
+    if not media_type:
+        media_type = JSON_TYPE if raw_body.lstrip()[:1] == b"{" else ""
     if media_type != JSON_TYPE:
+        sent_as = f"({media_type})" if media_type else "(sent without a Content-Type)"
         if not raw_body:
-            raise InvalidRequest(f"The {media_type} request body is empty; send the image bytes.")
-        return Invocation(inputs=(_checked_bytes(raw_body, limits),), batch=False, top_k=query_top_k)
+            raise InvalidRequest(f"The request body {sent_as} is empty; send the image bytes.")
+        raw = _checked_bytes(raw_body, limits, f"The request body {sent_as}")
+        return Invocation(inputs=(raw,), batch=False, top_k=query_top_k)
     body = _json_object(raw_body)
     top_k = query_top_k if query_top_k is not None else _top_k(body.get("top_k"), source="field")
     sources = [key for key in ("url", "image", "urls", "images") if key in body]
@@ -92,8 +107,11 @@ def parse_invocation(
         )
     single = key[:-1]
     return Invocation(
-        inputs=tuple(_one_input(single, item, limits) for item in items), batch=True, top_k=top_k
-    )
+        inputs=tuple(_one_input(single, item, limits, f"'{key}' item {number}") for number, item in
+                     enumerate(items, start=1)),
+        batch=True,
+        top_k=top_k,
+    )  # fmt: skip
 
 
 def _json_object(raw_body: bytes) -> dict[str, Any]:
@@ -106,6 +124,10 @@ def _json_object(raw_body: bytes) -> dict[str, Any]:
             f"The request body is not valid JSON ({error.msg} at line {error.lineno} column "
             f"{error.colno}); expected {EXAMPLE}."
         ) from error
+    except RecursionError as error:
+        raise InvalidRequest(f"The request body's JSON is nested too deeply; expected {EXAMPLE}.") from error
+    except ValueError as error:  # an integer longer than Python converts (4,300 digits)
+        raise InvalidRequest(f"The request body's JSON holds a number too long to read ({error}).") from error
     if not isinstance(body, dict):
         raise InvalidRequest(
             f"The request body must be a JSON object, got {_describe(body)}; expected {EXAMPLE}."
@@ -113,35 +135,47 @@ def _json_object(raw_body: bytes) -> dict[str, Any]:
     return body
 
 
-def _one_input(field: str, value: Any, limits: BodyLimits) -> ImageInput:
+def _one_input(field: str, value: Any, limits: BodyLimits, where: str | None = None) -> ImageInput:
+    """One ``url`` or ``image`` value; ``where`` names a batch item in messages ("'urls' item 3")."""
+    where = where or f"'{field}'"
     if not isinstance(value, str):
-        raise InvalidRequest(f"Each '{field}' must be a string, got {_describe(value)}; expected {EXAMPLE}.")
+        raise InvalidRequest(f"{where} must be a string, got {_describe(value)}; expected {EXAMPLE}.")
     if field == "url":
-        return ImageInput(url=value.strip())
+        return ImageInput(url=value.strip(), source=f"The body of the image URL ({where})")
+    if value.startswith("data:"):
+        prefix = DATA_URL.match(value)
+        if prefix is None:
+            raise InvalidRequest(
+                f"{where} is a data: URL but not a base64 one; expected data:image/png;base64,<bytes>."
+            )
+        value = value[prefix.end() :]
     try:
-        data = base64.b64decode(value.split(",", 1)[1] if value.startswith("data:") else value, validate=True)
+        data = base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError) as error:
-        raise InvalidRequest(f"'image' must be base64-encoded image bytes ({error}).") from error
+        raise InvalidRequest(f"{where} must be base64-encoded image bytes ({error}).") from error
     if not data:
-        raise InvalidRequest("'image' is empty; send the base64-encoded image bytes.")
-    return _checked_bytes(data, limits)
+        raise InvalidRequest(f"{where} is empty; send the base64-encoded image bytes.")
+    return _checked_bytes(data, limits, f"The base64 image in {where}")
 
 
-def _checked_bytes(data: bytes, limits: BodyLimits) -> ImageInput:
+def _checked_bytes(data: bytes, limits: BodyLimits, source: str) -> ImageInput:
     if len(data) > limits.max_image_bytes:
         raise ImageTooLarge(
-            f"The image is {len(data):,} bytes; the limit is {limits.max_image_bytes:,} (MAX_IMAGE_BYTES)."
+            f"{source} is {len(data):,} bytes; the limit is {limits.max_image_bytes:,} (MAX_IMAGE_BYTES)."
         )
-    return ImageInput(data=data)
+    return ImageInput(data=data, source=source)
 
 
 def _top_k(value: Any, *, source: str) -> int | None:
+    """A positive integer, from JSON or from ASCII digits; never Unicode digits int() would refuse."""
     if value is None:
         return None
-    if isinstance(value, str) and value.strip().isdigit():
+    if isinstance(value, str) and ASCII_DIGITS.fullmatch(value.strip()):
         value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InvalidRequest(f"The top_k {source} must be a positive integer, got {_describe(value)}.")
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_TOP_K:
+        raise InvalidRequest(
+            f"The top_k {source} must be an integer from 1 to the number of classes, got {_describe(value)}."
+        )
     return value
 
 
@@ -151,4 +185,6 @@ def _describe(value: object) -> str:
         return f"an array of {len(value)}"
     if isinstance(value, str):
         return f"the string {value[:40]!r}"
+    if isinstance(value, int) and abs(value) > MAX_TOP_K:
+        return f"a number of {len(str(abs(value)))} digits"
     return names.get(type(value), f"the number {value!r}")

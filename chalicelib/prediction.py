@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from chalicelib.errors import ModelUnavailable
+from chalicelib.errors import ModelUnavailable, first_line
 
 
 @dataclass(frozen=True)
@@ -97,9 +97,3 @@ def top_predictions(scores: np.ndarray, classes: tuple[str, ...], top_k: int) ->
         [Prediction(label=classes[int(index)], confidence=float(row[index])) for index in indices]
         for row, indices in zip(probabilities, best, strict=True)
     ]
-
-
-def first_line(error: BaseException) -> str:
-    """An exception's first line: enough to name the problem, never a traceback."""
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

@@ -1,11 +1,9 @@
 """The request path, wired together: URL -> image bytes -> input -> prediction.
 
-One ``ClassificationService`` exists per distinct ``Settings``; it holds the
-loaded model for the life of the process (the Lambda container), so the
-archive is downloaded and loaded once. The first requests to arrive on a cold
-container may race; a lock makes the first one load and the others wait for
-its result instead of downloading the archive again. A failed load is not
-cached: the next request tries again, so a model published late still comes up.
+One ``ClassificationService`` exists per distinct ``Settings``, built on
+first use (never at import), around the ``ModelHolder`` for the settings the
+model depends on; the holder keeps the loaded model for the life of the
+process (see model_holder).
 """
 
 from __future__ import annotations
@@ -14,33 +12,32 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextvars import copy_context
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from typing import TypeVar
 
-import boto3
 import numpy as np
-from botocore.config import Config
 
-from chalicelib import backends, observability
-from chalicelib.errors import ClassifierError, ConfigurationError, InvalidRequest
+from chalicelib import observability
+from chalicelib.budgets import MemoryBudget, PixelAllowance
+from chalicelib.decoding import EncodedImage, decode, decoding_bytes, open_image, plan_shrink
+from chalicelib.errors import ClassifierError, ConfigurationError, InternalError, InvalidRequest
 from chalicelib.fetch import ImageFetcher
-from chalicelib.imaging import Preprocessing, decode_image, to_model_input
-from chalicelib.model_store import ModelFiles, ModelStore, S3Client
+from chalicelib.imaging import Preprocessing, to_model_input
+from chalicelib.model_holder import ModelHolder
 from chalicelib.payload import BodyLimits, ImageInput, Invocation
-from chalicelib.prediction import Classifier, Prediction
+from chalicelib.prediction import Prediction
 from chalicelib.settings import Settings
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class LoadedModel:
-    classifier: Classifier
-    preprocessing: Preprocessing
-    files: ModelFiles
-    loaded_at: datetime
+class _Fetched:
+    data: bytes
+    source: str  # how the caller sent it, for messages (payload.ImageInput.source)
 
 
 @dataclass(frozen=True)
@@ -52,70 +49,27 @@ class Outcome:
 
 
 class ClassificationService:
-    def __init__(self, settings: Settings) -> None:
-        self._settings = settings
+    def __init__(self, settings: Settings, holder: ModelHolder) -> None:
+        self.settings = settings
+        self.models = holder
         self._fetcher = ImageFetcher(settings.fetch, settings.url_policy)
-        self._store = ModelStore(settings.cache_dir, s3_client=_s3_client)
-        self._load_lock = threading.Lock()
-        self._refresh_lock = threading.Lock()
-        self._model: LoadedModel | None = None
-        self._last_check = 0.0
-
-    @property
-    def model_loaded(self) -> bool:
-        return self._model is not None
-
-    def model(self) -> LoadedModel:
-        """The loaded model; loads it on first use, and starts a refresh check when one is due."""
-        if self._model is None:
-            with self._load_lock:
-                if self._model is None:
-                    self._model = self._load()
-                    self._last_check = time.monotonic()
-        elif self._refresh_due():
-            self._start_refresh()
-        return self._model
-
-    def _refresh_due(self) -> bool:
-        interval = self._settings.model_refresh_seconds
-        return interval is not None and time.monotonic() - self._last_check >= interval
-
-    def _start_refresh(self) -> None:
-        """Check and reload in the background; this request and those in flight keep the old model."""
-        if not self._refresh_lock.acquire(blocking=False):
-            return  # a refresh is already running
-        self._last_check = time.monotonic()
-        threading.Thread(target=self._refresh, name="model-refresh", daemon=True).start()
-
-    def _refresh(self) -> None:
-        current = self._model
-        try:
-            if current is None or self._store.current_version(self._settings.model) == current.files.version:
-                return
-            fresh = self._load()
-            # One reference assignment: each request holds the model it started with.
-            self._model = fresh
-            if fresh.files.folder != current.files.folder:
-                self._store.discard(current.files)
-            logger.info("model refreshed from version %s to %s", current.files.version, fresh.files.version)
-        except ClassifierError as error:
-            logger.warning("model refresh failed, still serving version %s: %s", current.files.version, error)
-        finally:
-            self._refresh_lock.release()
+        self._decode_budget = MemoryBudget(settings.max_decode_bytes)
 
     @property
     def body_limits(self) -> BodyLimits:
-        return self._settings.body
+        return self.settings.body
 
     def classify(self, invocation: Invocation) -> list[Outcome]:
         """Top-k predictions per input, in input order.
 
         A single input's error is raised, so it becomes the response. In a
-        batch each input fails on its own and its error takes its place;
-        the inputs are fetched and decoded concurrently within one shared
-        deadline, then classified in one forward pass.
+        batch each input fails on its own and its error takes its place: the
+        inputs are fetched concurrently within one shared deadline, their
+        headers read in input order against the request's pixel allowance,
+        decoded side by side as far as the decoding memory budget allows, and
+        classified in one forward pass.
         """
-        model = self.model()
+        model = self.models.model()
         top_k = invocation.top_k or 1
         if top_k > len(model.classifier.classes):
             raise InvalidRequest(
@@ -127,19 +81,27 @@ class ClassificationService:
             items=len(invocation.inputs),
             model_version=model.files.version,
         )
-        deadline = time.monotonic() + self._settings.fetch.deadline
+        deadline = time.monotonic() + self.settings.fetch.deadline
+        allowance = PixelAllowance(self.settings.max_request_pixels)
+
+        def fetch(item: ImageInput) -> _Fetched:
+            return _Fetched(self._fetch(item, deadline), item.source)
+
+        def open_header(fetched: _Fetched) -> EncodedImage:
+            return self._open(fetched, allowance, model.preprocessing)
+
+        def decode_input(image: EncodedImage) -> np.ndarray:
+            return self._decode(image, model.preprocessing)
+
         if not invocation.batch:
             prepared: list[np.ndarray | ClassifierError] = [
-                self._prepare(invocation.inputs[0], model, deadline)
+                decode_input(open_header(fetch(invocation.inputs[0])))
             ]
         else:
             with ThreadPoolExecutor(max_workers=len(invocation.inputs), thread_name_prefix="prepare") as pool:
-                # Each worker runs in its own copy of this request's context, so its timings are logged.
-                futures = [
-                    pool.submit(copy_context().run, self._prepare_or_error, item, model, deadline)
-                    for item in invocation.inputs
-                ]
-                prepared = [future.result() for future in futures]
+                fetched = _each_item(pool, fetch, invocation.inputs)
+                opened = [_item_outcome(open_header, data) for data in fetched]
+                prepared = _each_item(pool, decode_input, opened)
         arrays = [item for item in prepared if isinstance(item, np.ndarray)]
         with observability.timer("inference_ms"):
             predictions = iter(model.classifier.predict(arrays, top_k) if arrays else [])
@@ -150,66 +112,80 @@ class ClassificationService:
             for item in prepared
         ]
 
-    def _prepare(self, item: ImageInput, model: LoadedModel, deadline: float) -> np.ndarray:
+    def _fetch(self, item: ImageInput, deadline: float) -> bytes:
         if item.data is not None:
             data = item.data
         else:
             with observability.timer("fetch_ms"):
                 data = self._fetcher.fetch(item.url or "", deadline)
         observability.count("image_bytes", len(data))
-        with observability.timer("decode_ms"):
-            image = decode_image(
-                data, max_pixels=self._settings.max_image_pixels, min_short_side=model.preprocessing.resize
-            )
-            return to_model_input(image, model.preprocessing)
+        return data
 
-    def _prepare_or_error(
-        self, item: ImageInput, model: LoadedModel, deadline: float
-    ) -> np.ndarray | ClassifierError:
-        try:
-            return self._prepare(item, model, deadline)
-        except ClassifierError as error:
-            return error
+    def _open(
+        self, fetched: _Fetched, allowance: PixelAllowance, preprocessing: Preprocessing
+    ) -> EncodedImage:
+        image = open_image(fetched.data, max_pixels=self.settings.max_image_pixels, source=fetched.source)
+        allowance.spend(image.pixels)
+        plan_shrink(image, preprocessing.resize)
+        return image
 
-    def _load(self) -> LoadedModel:
-        # The backend this setting most likely needs is imported in a thread
-        # while this one downloads and extracts the archive (import torch is
-        # about 1.5 s here, plus unpacking its layer on Lambda), so a cold
-        # start pays for the slower of the two rather than both. A failed or
-        # unneeded import here is harmless: loading imports what it needs and
-        # reports that failure itself.
-        setting = self._settings.model_backend
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="import-backend") as pool:
-            pool.submit(backends.import_backend, backends.expected_backend(setting))
-            files = self._store.fetch(self._settings.model)
-            preprocessing = Preprocessing.from_manifest(files.manifest)
-        backend = backends.choose_backend(setting, files)
-        classifier = backends.load(backend, files, preprocessing.crop, self._settings.inference_threads)
-        return LoadedModel(
-            classifier=classifier, preprocessing=preprocessing, files=files, loaded_at=datetime.now(UTC)
+    def _decode(self, image: EncodedImage, preprocessing: Preprocessing) -> np.ndarray:
+        with self._decode_budget.reserve(decoding_bytes(image)), observability.timer("decode_ms"):
+            return to_model_input(decode(image, preprocessing.resize), preprocessing)
+
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+
+
+def _each_item(
+    pool: ThreadPoolExecutor, function: Callable[[Item], Result], items: Sequence[Item | ClassifierError]
+) -> list[Result | ClassifierError]:
+    """``function`` over a batch's items side by side; an item that already failed stays failed."""
+    # Each worker runs in its own copy of this request's context, so its timings are logged.
+    futures = [pool.submit(copy_context().run, _item_outcome, function, item) for item in items]
+    return [future.result() for future in futures]
+
+
+def _item_outcome(
+    function: Callable[[Item], Result], item: Item | ClassifierError
+) -> Result | ClassifierError:
+    """One batch item's result or its error: in a batch nothing one item does may fail the others."""
+    if isinstance(item, ClassifierError):
+        return item
+    try:
+        return function(item)
+    except ClassifierError as error:
+        # Kept without its traceback and causes: they reach back into this
+        # request's frames, decoded images included, in a cycle only the
+        # garbage collector would break, long after the request.
+        return type(error)(str(error))
+    except Exception:
+        logger.exception("a batch item failed unexpectedly")
+        return InternalError(
+            "This item could not be processed because of an error in the service; it has been logged."
         )
 
 
-def _s3_client() -> S3Client:
-    # boto3 honours AWS_ENDPOINT_URL_S3 itself, so moto or another S3-compatible
-    # store needs no code here. Bounded timeouts keep a stuck S3 from eating
-    # the whole Lambda timeout.
-    config = Config(connect_timeout=5, read_timeout=20, retries={"max_attempts": 3, "mode": "standard"})
-    return boto3.client("s3", config=config)
-
-
 class _ServiceCache:
-    """Holds the service for the current settings; a new environment gets a new one."""
+    """The service for the current settings, around the model holder for the current model settings.
+
+    A new environment gets a new service, which is cheap; only a change the
+    model depends on gets a new holder, and so loads the model again.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._entry: tuple[Settings, ClassificationService] | None = None
+        self._service: ClassificationService | None = None
 
     def get(self, settings: Settings) -> ClassificationService:
         with self._lock:
-            if self._entry is None or self._entry[0] != settings:
-                self._entry = (settings, ClassificationService(settings))
-            return self._entry[1]
+            service = self._service
+            if service is None or service.settings != settings:
+                holder = service.models if service and service.models.settings == settings.model else None
+                service = ClassificationService(settings, holder or ModelHolder(settings.model))
+                self._service = service
+            return service
 
 
 _services = _ServiceCache()

@@ -31,33 +31,53 @@ Number = TypeVar("Number", int, float)
 
 DEMO_ARCHIVE = Path(__file__).resolve().parent.parent / "build" / "demo-model.tar.gz"
 DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
+DEFAULT_MAX_REQUEST_PIXELS = 160_000_000
+DEFAULT_MAX_DECODE_BYTES = 640 * 1024 * 1024
+# Seconds for downloading and extracting the model; what is left of API
+# Gateway's 29 s goes to loading it into its backend and answering.
+DEFAULT_MODEL_LOAD_DEADLINE = 20.0
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """What the loaded model depends on: a change here loads it again, nothing else does."""
+
+    location: ArchiveLocation
+    cache_dir: Path
+    backend: str
+    inference_threads: int
+    refresh_seconds: float | None
+    load_deadline: float
 
 
 @dataclass(frozen=True)
 class Settings:
-    model: ArchiveLocation
-    cache_dir: Path
-    model_backend: str
-    inference_threads: int
+    model: ModelSettings
     fetch: FetchLimits
     max_image_pixels: int
+    max_request_pixels: int
+    max_decode_bytes: int
     url_policy: UrlPolicy
     body: BodyLimits
     cors: CorsPolicy
     log_level: str
-    model_refresh_seconds: float | None
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str]) -> Settings:
         defaults = FetchLimits()
         max_image_bytes = _positive_int(environ, "MAX_IMAGE_BYTES", defaults.max_bytes)
         return cls(
-            model=_model_location(environ),
-            cache_dir=Path(
-                environ.get("MODEL_CACHE_DIR") or Path(tempfile.gettempdir(), "chalice-classifier")
+            model=ModelSettings(
+                location=_model_location(environ),
+                cache_dir=Path(
+                    environ.get("MODEL_CACHE_DIR") or Path(tempfile.gettempdir(), "chalice-classifier")
+                ),
+                backend=_choice(environ, "MODEL_BACKEND", BACKEND_SETTINGS),
+                inference_threads=_positive_int(environ, "INFERENCE_THREADS", 1),
+                # Unset (the default 0) means no refresh checks at all.
+                refresh_seconds=_positive_float(environ, "MODEL_REFRESH_SECONDS", 0.0) or None,
+                load_deadline=_positive_float(environ, "MODEL_LOAD_DEADLINE", DEFAULT_MODEL_LOAD_DEADLINE),
             ),
-            model_backend=_choice(environ, "MODEL_BACKEND", BACKEND_SETTINGS),
-            inference_threads=_positive_int(environ, "INFERENCE_THREADS", 1),
             fetch=FetchLimits(
                 connect_timeout=_positive_float(environ, "FETCH_CONNECT_TIMEOUT", defaults.connect_timeout),
                 read_timeout=_positive_float(environ, "FETCH_READ_TIMEOUT", defaults.read_timeout),
@@ -65,15 +85,15 @@ class Settings:
                 max_bytes=max_image_bytes,
             ),
             max_image_pixels=_positive_int(environ, "MAX_IMAGE_PIXELS", DEFAULT_MAX_IMAGE_PIXELS),
+            max_request_pixels=_positive_int(environ, "MAX_REQUEST_PIXELS", DEFAULT_MAX_REQUEST_PIXELS),
+            max_decode_bytes=_positive_int(environ, "MAX_DECODE_BYTES", DEFAULT_MAX_DECODE_BYTES),
             body=BodyLimits(
                 max_body_bytes=_positive_int(environ, "MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES),
                 max_image_bytes=max_image_bytes,
                 max_batch=_positive_int(environ, "MAX_BATCH", DEFAULT_MAX_BATCH),
             ),
-            cors=CorsPolicy.from_setting(environ.get("CORS_ALLOW_ORIGIN", "")),
+            cors=_cors(environ, "CORS_ALLOW_ORIGIN"),
             log_level=_log_level(environ, "LOG_LEVEL"),
-            # Unset (the default 0) means no refresh checks at all.
-            model_refresh_seconds=_positive_float(environ, "MODEL_REFRESH_SECONDS", 0.0) or None,
             url_policy=UrlPolicy(
                 allowed_ports=_ports(environ, "ALLOWED_PORTS"),
                 allow_private=_flag(environ, "ALLOW_PRIVATE_URLS"),
@@ -144,6 +164,15 @@ def _ports(environ: Mapping[str, str], name: str) -> frozenset[int] | None:
             f"Config '{name}' must be a comma-separated list of ports (1-65535) or *, got {raw!r}."
         )
     return ports
+
+
+def _cors(environ: Mapping[str, str], name: str) -> CorsPolicy:
+    try:
+        return CorsPolicy.from_setting(environ.get(name, ""))
+    except ValueError as error:
+        raise ConfigurationError(
+            f"Config '{name}' must be *, or a comma-separated list of origins: {error}."
+        ) from error
 
 
 def _log_level(environ: Mapping[str, str], name: str) -> str:

@@ -6,7 +6,7 @@ import pytest
 from chalice.test import Client
 
 from chalicelib.cors import CorsPolicy
-from tests.support.api import JSON
+from tests.support.api import JSON, error_of
 
 APP_ORIGIN = "https://app.example"
 
@@ -73,3 +73,33 @@ def test_without_the_setting_there_are_no_cors_headers(
     response = client.http.get("/ping", headers={"Origin": APP_ORIGIN})
 
     assert "Access-Control-Allow-Origin" not in response.headers
+
+
+@pytest.mark.parametrize(
+    ("setting", "fragment"),
+    [
+        ("*, https://a.example", "only on its own"),
+        ("app.example", "expected scheme://host"),
+        ("https://app.example/path", "no path"),
+        ("https://*.example", "expected scheme://host"),
+        ("ftp://app.example", "expected scheme://host"),
+        ("https://app.example:99999", "not an origin"),
+    ],
+)
+def test_a_setting_that_would_allow_nothing_is_a_configuration_error(
+    client: Client, monkeypatch: pytest.MonkeyPatch, setting: str, fragment: str
+) -> None:
+    """'*, https://a.example' used to be taken as two origins, neither of which any browser sends."""
+    monkeypatch.setenv("CORS_ALLOW_ORIGIN", setting)
+
+    status, code, message = error_of(client.http.get("/ping"))
+
+    assert (status, code) == (503, "ConfigurationError")
+    assert "CORS_ALLOW_ORIGIN" in message
+    assert fragment in message
+
+
+def test_origins_compare_as_browsers_send_them() -> None:
+    policy = CorsPolicy.from_setting("HTTPS://App.Example:8443/")
+
+    assert policy.headers("https://app.example:8443", preflight=False)["Access-Control-Allow-Origin"]

@@ -6,6 +6,7 @@ import base64
 import io
 import json
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 from chalice.test import Client
@@ -79,9 +80,9 @@ def test_a_body_over_the_limit_is_413_before_decoding(
         ({"urls": []}, "1 to 8 items"),
         ({"urls": ["http://x/"] * 9}, "1 to 8 items"),
         ({"urls": "http://x/"}, "must be an array"),
-        ({"urls": [1]}, "'url' must be a string"),
-        ({"url": "http://x/", "top_k": 0}, "top_k field must be a positive integer"),
-        ({"url": "http://x/", "top_k": "many"}, "top_k field must be a positive integer"),
+        ({"urls": [1]}, "'urls' item 1 must be a string"),
+        ({"url": "http://x/", "top_k": 0}, "top_k field must be an integer from 1"),
+        ({"url": "http://x/", "top_k": "many"}, "top_k field must be an integer from 1"),
     ],
 )
 def test_malformed_inputs_are_400(client: Client, body: object, fragment: str) -> None:
@@ -193,3 +194,95 @@ def test_deep_ping_loads_the_model(client: Client, tmp_path: Path, monkeypatch: 
     deep = client.http.get("/ping?deep=1")
 
     assert (deep.status_code, deep.json_body["model_loaded"]) == (200, True)
+
+
+@pytest.mark.parametrize("value", ["²", "٣", "1e3", "-1", "1_000", " ", "99999999999"])
+def test_top_k_takes_ascii_digits_only(client: Client, image_server: RoutedHTTPServer, value: str) -> None:
+    """str.isdigit() accepts '²', which int() refuses: that was a 500."""
+    url = image_server.url("/coffee.jpg")
+
+    from_query = error_of(client.http.post(f"/invocations?top_k={quote(value)}", headers=JSON,
+                                           body=json.dumps({"url": url})))  # fmt: skip
+    from_body = error_of(post(client, {"url": url, "top_k": value}))
+
+    assert from_query[:2] == from_body[:2] == (400, "InvalidRequest")
+
+
+@pytest.mark.parametrize(
+    ("image", "fragment"),
+    [
+        ("data:image/png;base64", "not a base64 one"),
+        ("data:image/png,iVBORw0KGgo=", "not a base64 one"),
+        ("data:;base64,", "is empty"),
+    ],
+)
+def test_a_malformed_data_url_is_400(client: Client, image: str, fragment: str) -> None:
+    """A data: URL without its comma was an IndexError: a 500."""
+    status, code, message = error_of(post(client, {"image": image}))
+
+    assert (status, code) == (400, "InvalidRequest")
+    assert fragment in message
+
+
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [(b'{"url": ' + b"[" * 50_000 + b"]" * 50_000 + b"}", "nested too deeply"),
+     (b'{"url": "http://x/", "top_k": ' + b"9" * 5000 + b"}", "number too long")],
+    ids=["nested 50,000 deep", "a 5,000-digit integer"],
+)  # fmt: skip
+def test_json_that_python_cannot_read_is_400(client: Client, body: bytes, fragment: str) -> None:
+    """json.loads raises RecursionError and ValueError for these, not JSONDecodeError: they were 500s."""
+    status, code, message = error_of(client.http.post("/invocations", headers=JSON, body=body))
+
+    assert (status, code) == (400, "InvalidRequest")
+    assert fragment in message
+
+
+def test_json_without_a_content_type_is_read_as_json(client: Client, image_server: RoutedHTTPServer) -> None:
+    """Chalice lets a body with no Content-Type through as JSON; it used to be taken for image bytes (422)."""
+    body = json.dumps({"url": image_server.url("/coffee.jpg")})
+
+    response = client.http.post("/invocations", headers={}, body=body)
+
+    assert (response.status_code, response.json_body["class"]) == (200, "espresso")
+
+
+def test_an_image_without_a_content_type_is_read_as_an_image(
+    client: Client, photos: dict[str, bytes]
+) -> None:
+    response = client.http.post("/invocations", headers={}, body=photos["coffee"])
+
+    assert (response.status_code, response.json_body["class"]) == (200, "espresso")
+
+
+@pytest.mark.parametrize(
+    ("headers", "body", "named"),
+    [
+        ({}, b"not an image, not JSON", "The request body (sent without a Content-Type)"),
+        ({"Content-Type": "image/png"}, b"not an image", "The request body (image/png)"),
+        (
+            JSON,
+            json.dumps({"image": base64.b64encode(b"text").decode()}).encode(),
+            "The base64 image in 'image'",
+        ),
+    ],
+    ids=["no content type", "raw", "base64"],
+)
+def test_an_undecodable_image_is_named_as_it_was_sent(
+    client: Client, headers: dict[str, str], body: bytes, named: str
+) -> None:
+    status, code, message = error_of(client.http.post("/invocations", headers=headers, body=body))
+
+    assert (status, code) == (422, "UnsupportedImage")
+    assert message.startswith(named)
+
+
+def test_batch_items_are_named_by_position(client: Client, image_server: RoutedHTTPServer) -> None:
+    image_server.routes["/named/text.jpg"] = serve_bytes(b"text", "image/jpeg")
+
+    predictions = post(
+        client, {"urls": [image_server.url("/coffee.jpg"), image_server.url("/named/text.jpg")]}
+    )
+
+    error = predictions.json_body["predictions"][1]["error"]
+    assert error["Message"].startswith("The body of the image URL ('urls' item 2)")

@@ -65,7 +65,7 @@ def test_a_broken_archive_keeps_the_old_model_serving(
 ) -> None:
     assert classify(client, green_url).json_body["class"] == "green"
     version = client.http.get("/model").json_body["version"]
-    caplog.set_level(logging.WARNING, logger="chalicelib.service")
+    caplog.set_level(logging.WARNING, logger="chalicelib.model_holder")
 
     refreshing.put_object(Bucket=MODEL_BUCKET, Key=KEY, Body=b"not an archive")  # type: ignore[attr-defined]
 

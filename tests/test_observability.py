@@ -5,8 +5,9 @@ from __future__ import annotations
 import base64
 import json
 import os
-import signal
 import subprocess
+import sys
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -14,8 +15,11 @@ from typing import Any
 import pytest
 from chalice.test import Client
 
+from tests.conftest import MODEL_BUCKET
 from tests.support.api import JSON, classify, error_of
+from tests.support.chalice_local import LocalServer, free_port, running_chalice_local
 from tests.support.http_server import RoutedHTTPServer, serve_bytes
+from tests.support.s3 import MotoS3Server
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -123,11 +127,10 @@ def test_log_level_is_honoured_and_checked(
 
 
 def test_logs_are_json_under_chalice_local(
-    chalice_local: tuple[str, subprocess.Popen[str]], image_server: RoutedHTTPServer
+    chalice_local: LocalServer, image_server: RoutedHTTPServer
 ) -> None:
-    base, server = chalice_local
     request = urllib.request.Request(
-        f"{base}/invocations",
+        f"{chalice_local.base}/invocations",
         data=json.dumps({"url": image_server.url("/coffee.jpg")}).encode(),
         headers=JSON,
         method="POST",
@@ -135,10 +138,106 @@ def test_logs_are_json_under_chalice_local(
     with urllib.request.urlopen(request, timeout=60) as response:
         body = json.loads(response.read())
         request_id = response.headers["x-request-id"]
-    os.killpg(server.pid, signal.SIGTERM)
-    output = server.communicate(timeout=30)[0]
+    output = chalice_local.stop()
 
     assert body["class"] == "espresso"
     lines = [line for line in request_lines(output) if line["route"] == "/invocations"]
     assert [line["request_id"] for line in lines] == [request_id]
     assert lines[0]["status"] == 200
+
+
+def warning_lines(text: str) -> list[dict[str, Any]]:
+    return [line for line in json_lines(text) if line.get("level") == "WARNING"]
+
+
+@pytest.fixture
+def missing_model(s3: object, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """An S3 key with no object: loading it makes chalicelib.model_store log a warning."""
+    monkeypatch.setenv("MODEL_BUCKET", MODEL_BUCKET)
+    monkeypatch.setenv("MODEL_KEY", "nothing/here.tar.gz")
+    monkeypatch.setenv("MODEL_CACHE_DIR", str(tmp_path / "cache"))
+
+
+@pytest.mark.usefixtures("demo_from_s3")
+def test_each_record_is_written_once_as_json(
+    client: Client, image_server: RoutedHTTPServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The app's logger and ours shared one name; every request was logged twice, once as plain text."""
+    capsys.readouterr()
+
+    classify(client, image_server.url("/coffee.jpg"))
+
+    out = capsys.readouterr().out
+    assert len(request_lines(out)) == 1
+    assert "chalice-classifier - INFO" not in out
+    assert all(line.startswith("{") for line in out.splitlines() if line.strip())
+
+
+@pytest.mark.usefixtures("missing_model")
+def test_a_chalicelib_warning_reaches_the_log_at_the_default_level(
+    client: Client, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """chalicelib's loggers used to be left at Chalice's ERROR level: their warnings never appeared."""
+    capsys.readouterr()
+
+    response = client.http.get("/ping?deep=1")
+
+    [warning] = warning_lines(capsys.readouterr().out)
+    assert response.status_code == 503
+    assert warning["location"].startswith("_s3_error")
+    assert "s3://models/nothing/here.tar.gz" in warning["message"]
+    assert warning["request_id"] == response.headers["x-request-id"]
+
+
+@pytest.mark.usefixtures("missing_model")
+@pytest.mark.parametrize(
+    ("level", "warnings", "requests"), [("ERROR", 0, 0), ("WARNING", 1, 0), ("DEBUG", 1, 1)]
+)
+def test_log_level_is_honoured_by_every_logger_of_ours(
+    client: Client,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    level: str,
+    warnings: int,
+    requests: int,
+) -> None:
+    monkeypatch.setenv("LOG_LEVEL", level)
+    capsys.readouterr()
+
+    client.http.get("/ping?deep=1")
+
+    out = capsys.readouterr().out
+    assert (len(warning_lines(out)), len(request_lines(out))) == (warnings, requests)
+
+
+def test_a_wrong_log_level_does_not_stop_the_app_from_importing() -> None:
+    """powertools read LOG_LEVEL when app.py was imported: on Lambda, an init failure with no answer."""
+    result = subprocess.run(
+        [sys.executable, "-c", "import app"],
+        cwd=ROOT, env={**os.environ, "LOG_LEVEL": "verbose"}, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+
+    assert result.returncode == 0, result.stderr
+
+
+def test_chalice_local_logs_each_record_once_with_warnings_visible(s3_server: MotoS3Server) -> None:
+    """A real process, as `make serve` runs it: one JSON line per record; LOG_LEVEL=verbose is a 503."""
+    missing = {"MODEL_BUCKET": MODEL_BUCKET, "MODEL_KEY": "nothing/here.tar.gz"}
+    with running_chalice_local(free_port(), environment=missing) as server:
+        deep = urllib.request.Request(f"{server.base}/ping?deep=1")
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(deep, timeout=60)
+        output = server.stop()
+
+    records = [line for line in output.splitlines() if line.startswith("{") and '"level"' in line]
+    assert refused.value.code == 503
+    assert [json.loads(line)["level"] for line in records].count("WARNING") == 1
+    assert "chalice-classifier - " not in output
+    assert all(json.loads(line)["request_id"] for line in records)
+
+    with running_chalice_local(free_port(), environment={"LOG_LEVEL": "verbose"}) as server:
+        with pytest.raises(urllib.error.HTTPError) as broken:
+            urllib.request.urlopen(f"{server.base}/ping", timeout=60)
+        body = json.loads(broken.value.read())
+    assert (broken.value.code, body["Code"]) == (503, "ConfigurationError")
+    assert "LOG_LEVEL" in body["Message"]

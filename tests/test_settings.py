@@ -9,28 +9,29 @@ import pytest
 from chalicelib.errors import ConfigurationError
 from chalicelib.fetch import FetchLimits
 from chalicelib.model_store import LocalArchive, S3Archive
-from chalicelib.settings import DEFAULT_MAX_IMAGE_PIXELS, DEMO_ARCHIVE, Settings
+from chalicelib.settings import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MODEL_LOAD_DEADLINE, DEMO_ARCHIVE, Settings
 
 
 def test_empty_environment_gives_the_demo_model_and_defaults() -> None:
     settings = Settings.from_environ({})
 
-    assert settings.model == LocalArchive(DEMO_ARCHIVE)
-    assert settings.inference_threads == 1
-    assert settings.model_backend == "auto"
+    assert settings.model.location == LocalArchive(DEMO_ARCHIVE)
+    assert settings.model.inference_threads == 1
+    assert settings.model.backend == "auto"
+    assert settings.model.load_deadline == DEFAULT_MODEL_LOAD_DEADLINE
     assert settings.fetch == FetchLimits()
     assert settings.max_image_pixels == DEFAULT_MAX_IMAGE_PIXELS
-    assert settings.cache_dir.name == "chalice-classifier"
+    assert settings.model.cache_dir.name == "chalice-classifier"
 
 
 def test_bucket_and_key_name_an_s3_archive_and_win_over_model_path() -> None:
     settings = Settings.from_environ({"MODEL_BUCKET": "b", "MODEL_KEY": "k/model.tar.gz", "MODEL_PATH": "/x"})
 
-    assert settings.model == S3Archive(bucket="b", key="k/model.tar.gz")
+    assert settings.model.location == S3Archive(bucket="b", key="k/model.tar.gz")
 
 
 def test_model_path_names_a_local_archive() -> None:
-    assert Settings.from_environ({"MODEL_PATH": "/models/m.tar.gz"}).model == LocalArchive(
+    assert Settings.from_environ({"MODEL_PATH": "/models/m.tar.gz"}).model.location == LocalArchive(
         Path("/models/m.tar.gz")
     )
 
@@ -54,14 +55,16 @@ def test_values_are_read() -> None:
             "MAX_IMAGE_BYTES": "1000",
             "MAX_IMAGE_PIXELS": "5000",
             "MODEL_CACHE_DIR": "/var/cache/models",
+            "MODEL_LOAD_DEADLINE": "12.5",
         }
     )
 
-    assert settings.inference_threads == 2
-    assert settings.model_backend == "onnx"
+    assert settings.model.inference_threads == 2
+    assert settings.model.backend == "onnx"
+    assert settings.model.load_deadline == 12.5
     assert settings.fetch == FetchLimits(connect_timeout=1.5, read_timeout=2.0, deadline=8.0, max_bytes=1000)
     assert settings.max_image_pixels == 5000
-    assert settings.cache_dir == Path("/var/cache/models")
+    assert settings.model.cache_dir == Path("/var/cache/models")
 
 
 @pytest.mark.parametrize(

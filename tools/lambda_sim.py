@@ -41,7 +41,7 @@ import tempfile
 import threading
 import time
 import zipfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,7 +127,9 @@ class Interpreter:
 THIS_INTERPRETER = (sys.executable,)
 
 
-def proxy_event(body: str | None, *, method: str = "POST", path: str = "/invocations") -> dict[str, object]:
+def proxy_event(
+    body: str | None, *, method: str = "POST", path: str = "/invocations", query: dict[str, str] | None = None
+) -> dict[str, object]:
     """An API Gateway REST proxy event; by default POST /invocations with a JSON body."""
     headers = {"Content-Type": "application/json", "Host": "sim.execute-api.us-east-1.amazonaws.com"}
     return {
@@ -136,8 +138,8 @@ def proxy_event(body: str | None, *, method: str = "POST", path: str = "/invocat
         "httpMethod": method,
         "headers": headers,
         "multiValueHeaders": {key: [value] for key, value in headers.items()},
-        "queryStringParameters": None,
-        "multiValueQueryStringParameters": None,
+        "queryStringParameters": query,
+        "multiValueQueryStringParameters": {key: [value] for key, value in query.items()} if query else None,
         "pathParameters": None,
         "stageVariables": None,
         "requestContext": {
@@ -277,6 +279,7 @@ class Run:
     results: list[dict[str, object]]
     cold_start: float
     tmp_used: int
+    log: list[str]  # what the function printed besides its results: its log lines and metrics
 
 
 def invoke(
@@ -285,8 +288,13 @@ def invoke(
     model_archive: Path,
     interpreter: Interpreter,
     events_for: Callable[[str], list[dict[str, object]]],
+    *,
+    environment: Mapping[str, str] | None = None,
 ) -> Run:
-    """Start the function cold in a fresh sandbox and send it ``events_for(image_url)``, in order."""
+    """Start the function cold in a fresh sandbox and send it ``events_for(image_url)``, in order.
+
+    ``environment`` is laid over the function's own (its stage's variables and Lambda's).
+    """
     template = json.loads((package_dir / "sam.json").read_text())
     function = next(
         r["Properties"] for r in template["Resources"].values() if r["Type"] == "AWS::Serverless::Function"
@@ -301,7 +309,7 @@ def invoke(
             unzip(layer, opt)
         runtime = lambda_runtime_dir(root)
         with s3_with_model(model_archive) as endpoint, image_host(photo_jpeg()) as image_url:
-            environment = {
+            function_environment = {
                 **function.get("Environment", {}).get("Variables", {}),
                 "PATH": "/usr/bin:/bin",
                 "HOME": str(home),
@@ -320,6 +328,7 @@ def invoke(
                 # The image is served from loopback, which production refuses.
                 "ALLOW_PRIVATE_URLS": "true",
                 "ALLOWED_PORTS": "*",
+                **(environment or {}),
             }
             # Lambda's own order: the function, then the layers' two folders, then the runtime.
             layer_site = opt / interpreter.layer_site_packages
@@ -332,21 +341,26 @@ def invoke(
             started = time.monotonic()
             child = subprocess.Popen(
                 [*interpreter.command, "-I", "-S", "-c", BOOTSTRAP, json.dumps(config)],
-                cwd=task, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                cwd=task, env=function_environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             )  # fmt: skip
             assert child.stdout is not None
             # The function logs JSON to stdout as on Lambda; results carry a marker.
-            lines = iter(child.stdout.readline, "")
-            first = next((line for line in lines if line.startswith(RESULT_MARKER)), "")
+            printed = []
+            for line in iter(child.stdout.readline, ""):
+                printed.append(line)
+                if line.startswith(RESULT_MARKER):
+                    break
             cold_start = time.monotonic() - started
-            rest = [line for line in lines if line.startswith(RESULT_MARKER)]
-            stderr = child.stderr.read() if child.stderr else ""
-            child.wait(timeout=120)
+            rest, stderr = child.communicate(timeout=120)
+            printed += rest.splitlines(keepends=True)
         tmp_used = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
-    if child.returncode != 0 or not first:
+    results = [
+        json.loads(line.removeprefix(RESULT_MARKER)) for line in printed if line.startswith(RESULT_MARKER)
+    ]
+    if child.returncode != 0 or not results:
         raise SystemExit(f"the simulated function failed (exit {child.returncode}):\n{stderr[-4000:]}")
-    results = [json.loads(line.removeprefix(RESULT_MARKER)) for line in [first, *rest]]
-    return Run(results=results, cold_start=cold_start, tmp_used=tmp_used)
+    log = [line.rstrip("\n") for line in printed if not line.startswith(RESULT_MARKER)]
+    return Run(results=results, cold_start=cold_start, tmp_used=tmp_used, log=log)
 
 
 def main() -> None:

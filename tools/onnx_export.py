@@ -27,8 +27,10 @@ from PIL import Image
 from skimage import data as skimage_data
 
 from chalicelib import onnx_backend, torchscript_backend
-from chalicelib.imaging import Preprocessing, decode_image, to_model_input
-from chalicelib.prediction import Classifier, first_line, softmax
+from chalicelib.decoding import decode_image
+from chalicelib.errors import first_line
+from chalicelib.imaging import Preprocessing, to_model_input
+from chalicelib.prediction import Classifier, softmax
 from chalicelib.settings import DEFAULT_MAX_IMAGE_PIXELS
 
 ONNX_FILENAME = "model.onnx"
