@@ -4,7 +4,6 @@ on, and a refresh that neither retries a broken version nor fills /tmp."""
 from __future__ import annotations
 
 import os
-import textwrap
 import threading
 import time
 from collections.abc import Iterator
@@ -18,9 +17,7 @@ from chalicelib.model_holder import ModelHolder
 from chalicelib.settings import Settings
 from tests.conftest import DEMO_KEY, MODEL_BUCKET
 from tests.support.api import classify, error_of
-from tests.support.archives import fastai_archive, solid_png
-from tests.support.faulty_disk import Tmpfs, run_python
-from tests.support.http_server import RoutedHTTPServer, serve_bytes
+from tests.support.http_server import RoutedHTTPServer
 from tests.support.s3 import MotoS3Server
 from tests.support.slow_network import SilentServer
 
@@ -102,82 +99,3 @@ def test_settings_the_model_does_not_depend_on_do_not_load_it_again(
 
     assert client.http.get("/model").json_body["loaded_at"] == loaded_at
     assert s3_server.log.count("GET", f"/{MODEL_BUCKET}/{DEMO_KEY}") == downloads
-
-
-@pytest.fixture
-def refreshing(s3: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> object:
-    s3.put_object(Bucket=MODEL_BUCKET, Key=REFRESH_KEY, Body=fastai_archive())  # type: ignore[attr-defined]
-    monkeypatch.setenv("MODEL_BUCKET", MODEL_BUCKET)
-    monkeypatch.setenv("MODEL_KEY", REFRESH_KEY)
-    monkeypatch.setenv("MODEL_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setenv("MODEL_REFRESH_SECONDS", "0.2")
-    return s3
-
-
-def test_a_version_that_fails_to_load_is_fetched_once_and_its_files_removed(
-    client: Client,
-    refreshing: object,
-    image_server: RoutedHTTPServer,
-    s3_server: MotoS3Server,
-    tmp_path: Path,
-) -> None:
-    """It was downloaded again at every refresh interval, and its extraction stayed on /tmp."""
-    image_server.routes["/holder/green.png"] = serve_bytes(solid_png((10, 220, 20)), "image/png")
-    green = image_server.url("/holder/green.png")
-    assert classify(client, green).json_body["class"] == "green"
-    # Extracts fine, then fails to load: two classes for a three-output model.
-    refreshing.put_object(  # type: ignore[attr-defined]
-        Bucket=MODEL_BUCKET, Key=REFRESH_KEY, Body=fastai_archive(classes=("red", "green"))
-    )
-    downloads_before = s3_server.log.count("GET", f"/{MODEL_BUCKET}/{REFRESH_KEY}")
-
-    for _ in range(15):  # three seconds: about fifteen refresh intervals
-        assert classify(client, green).json_body["class"] == "green"
-        time.sleep(0.2)
-
-    assert s3_server.log.count("GET", f"/{MODEL_BUCKET}/{REFRESH_KEY}") == downloads_before + 1
-    assert len(list((tmp_path / "cache" / "models").iterdir())) == 1  # only the model being served
-
-
-REFRESH_WITHOUT_ROOM = textwrap.dedent(
-    """
-    import json, logging, sys, time
-    import boto3
-    from chalicelib.model_holder import ModelHolder
-    from chalicelib.settings import Settings
-    from tests.support.archives import fastai_archive
-
-    cache, bucket, key = sys.argv[1:]
-    warnings = []
-    handler = logging.Handler()
-    handler.emit = lambda record: warnings.append(record.getMessage())
-    logging.getLogger("chalicelib").addHandler(handler)
-    s3 = boto3.client("s3")
-    s3.put_object(Bucket=bucket, Key=key, Body=fastai_archive())
-    environ = {"MODEL_BUCKET": bucket, "MODEL_KEY": key, "MODEL_CACHE_DIR": cache,
-               "MODEL_REFRESH_SECONDS": "0.1"}
-    holder = ModelHolder(Settings.from_environ(environ).model)
-    first = holder.model().files.version
-    # A new version the cache has no room for beside the one being served (4 MiB of tmpfs).
-    s3.put_object(Bucket=bucket, Key=key, Body=b"x" * 3 * 1024 * 1024)
-    time.sleep(0.2)
-    holder.model()  # starts the refresh
-    time.sleep(2)
-    print(json.dumps({"first": first, "serving": holder.model().files.version, "warnings": warnings}))
-    """
-)
-
-
-@pytest.mark.usefixtures("s3")
-def test_a_refresh_without_room_for_the_new_version_keeps_the_old_one(
-    tmp_path: Path, s3_server: MotoS3Server
-) -> None:
-    cache = tmp_path / "small-cache"
-    cache.mkdir()
-
-    result = run_python(REFRESH_WITHOUT_ROOM, str(cache), MODEL_BUCKET, "roomless/model.tar.gz",
-                        mounts=[Tmpfs(cache, 4 * 1024 * 1024)])  # fmt: skip
-
-    assert result["serving"] == result["first"]
-    assert any("MODEL_CACHE_DIR" in warning and "free" in warning for warning in result["warnings"]), result
-    assert s3_server.log.count("GET", f"/{MODEL_BUCKET}/roomless/model.tar.gz") == 1  # never the new one

@@ -118,19 +118,27 @@ def test_a_module_and_checkpoint_are_scripted_or_traced(
     assert label_of(blue_image_url) == "blue"
 
 
-def test_a_model_that_does_not_match_its_classes_is_not_published(
-    s3_server: MotoS3Server, s3: object, tmp_path: Path
+@pytest.mark.parametrize(
+    ("classes", "refusal"),
+    [
+        ("cat\ndog\n", r"3 outputs but classes\.txt lists 2"),
+        ("red\n\ngreen\nblue\n", r"classes\.txt line 2 is empty"),
+    ],
+    ids=["two classes for three outputs", "a blank line"],
+)
+def test_a_classes_file_the_service_would_refuse_is_not_published(
+    s3_server: MotoS3Server, s3: object, tmp_path: Path, classes: str, refusal: str
 ) -> None:
     model = tmp_path / "model.pt"
     model.write_bytes(traced_colour_model())
-    two_classes = tmp_path / "classes.txt"
-    two_classes.write_text("cat\ndog\n")
-    key = "published/mismatch/model.tar.gz"
+    classes_file = tmp_path / "classes.txt"
+    classes_file.write_text(classes)
+    key = "published/refused-classes/model.tar.gz"
 
-    with pytest.raises(SystemExit, match=r"3 outputs but classes\.txt lists 2"):
+    with pytest.raises(SystemExit, match=refusal):
         publish_to(
             s3_server, tmp_path, key,
-            "--torchscript", str(model), "--classes", str(two_classes),
+            "--torchscript", str(model), "--classes", str(classes_file),
         )  # fmt: skip
 
     assert_nothing_published(s3, tmp_path, key)
@@ -222,24 +230,6 @@ def test_the_model_name_is_not_a_path_in_the_archive(
 
     assert label_of(blue_image_url) == "blue"
     assert get_service().models.model().files.manifest["name"] == "../colours"
-
-
-def test_a_classes_file_with_a_blank_line_is_not_published(
-    s3_server: MotoS3Server, s3: object, tmp_path: Path
-) -> None:
-    model = tmp_path / "model.pt"
-    model.write_bytes(traced_colour_model())
-    gap = tmp_path / "classes.txt"
-    gap.write_text("red\n\ngreen\nblue\n")
-    key = "published/blank-line/model.tar.gz"
-
-    with pytest.raises(SystemExit, match=r"classes\.txt line 2 is empty"):
-        publish_to(
-            s3_server, tmp_path, key,
-            "--torchscript", str(model), "--classes", str(gap),
-        )  # fmt: skip
-
-    assert_nothing_published(s3, tmp_path, key)
 
 
 @pytest.mark.parametrize(
