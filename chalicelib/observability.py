@@ -10,14 +10,17 @@ the root logger, where Lambda's runtime prints every record a second time.
 Nothing is read from the environment at import, so a wrong ``LOG_LEVEL`` is
 the documented 503, never an import that fails.
 
-aws-lambda-powertools does the formatting: its JSON formatter for the log
-lines and its Metrics for CloudWatch Embedded Metric Format, the field's
-standard on Lambda; both just print to stdout, so they work the same under
-``chalice local`` and ``chalice.test``. The request line carries the request
-id (Lambda's ``aws_request_id``, also sent back as ``x-request-id``), the
-route, status and error Code, the input kind and image bytes, the fetch,
-decode and inference milliseconds, and the model version. It never carries
-the image or the request body.
+Log lines are JSON in the shape aws-lambda-powertools writes them (level,
+location, message, timestamp, service, then the record's own fields), and
+metrics are CloudWatch Embedded Metric Format, the field's standard on
+Lambda: a JSON line that CloudWatch turns into metrics. Both are a few lines
+of ``json.dumps`` here rather than powertools itself, whose import alone
+cost every cold start about 40 ms. Both just print to stdout, so they work
+the same under ``chalice local`` and ``chalice.test``. The request line
+carries the request id (Lambda's ``aws_request_id``, also sent back as
+``x-request-id``), the route, status and error Code, the input kind and image
+bytes, the fetch, decode and inference milliseconds, and the model version.
+It never carries the image or the request body.
 
 The request's record lives in a context variable; batch workers run in a
 copy of the request's context, so their timings, and their log lines' request
@@ -26,6 +29,7 @@ id, land on the same request.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import threading
@@ -34,9 +38,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field, fields
-
-from aws_lambda_powertools.logging.formatter import LambdaPowertoolsFormatter
-from aws_lambda_powertools.metrics import MetricUnit, single_metric
+from datetime import UTC, datetime
 
 SERVICE = "chalice-classifier"
 NAMESPACE = "ChaliceClassifier"
@@ -66,6 +68,44 @@ _configure_once = threading.Lock()
 _handler: logging.Handler | None = None
 
 
+# The attributes every LogRecord has; anything else on a record came from ``extra``.
+_RECORD_ATTRIBUTES = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
+
+
+class _JsonFormatter(logging.Formatter):
+    """One JSON object a line: level, location, message, timestamp, service, then the record's fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, object] = {
+            "level": record.levelname,
+            "location": f"{record.funcName}:{record.lineno}",
+            "message": record.getMessage(),
+            "timestamp": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "service": SERVICE,
+        }
+        entry |= {name: value for name, value in record.__dict__.items() if name not in _RECORD_ATTRIBUTES}
+        if record.exc_info:
+            entry["exception_name"] = record.exc_info[0].__name__ if record.exc_info[0] else None
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str, separators=(",", ":"))
+
+
+def _metric(name: str, unit: str, value: float, dimension: tuple[str, str]) -> None:
+    """One CloudWatch metric in Embedded Metric Format, printed as the single line CloudWatch reads."""
+    key, label = dimension
+    document = {
+        "_aws": {
+            "Timestamp": int(time.time() * 1000),
+            "CloudWatchMetrics": [
+                {"Namespace": NAMESPACE, "Dimensions": [[key]], "Metrics": [{"Name": name, "Unit": unit}]}
+            ],
+        },
+        key: label,
+        name: [value],
+    }
+    print(json.dumps(document, separators=(",", ":")), file=sys.stdout, flush=True)
+
+
 class _RequestIdFilter(logging.Filter):
     """Stamps every record with the id of the request it was logged for, if any."""
 
@@ -82,7 +122,7 @@ def configure_logging(level: str) -> None:
     with _configure_once:
         if _handler is None:
             _handler = logging.StreamHandler(_CurrentStdout())
-            _handler.setFormatter(LambdaPowertoolsFormatter(service=SERVICE))
+            _handler.setFormatter(_JsonFormatter())
             _handler.addFilter(_RequestIdFilter())
             for name in OUR_LOGGERS:
                 configured = logging.getLogger(name)
@@ -151,11 +191,7 @@ def finish(record: RequestRecord, status: int, code: str | None) -> None:
     logged = {f.name: getattr(record, f.name) for f in fields(record) if f.repr}
     logged = {name: value for name, value in logged.items() if value not in (None, 0, 0.0)}
     logger.info("request", extra={**logged, "status": status, "total_ms": round(total_ms, 2)})
-    with single_metric(
-        name="Latency", unit=MetricUnit.Milliseconds, value=total_ms, namespace=NAMESPACE
-    ) as metric:
-        metric.add_dimension(name="route", value=record.route)
+    _metric("Latency", "Milliseconds", total_ms, ("route", record.route))
     if code is not None:
-        with single_metric(name="Errors", unit=MetricUnit.Count, value=1, namespace=NAMESPACE) as metric:
-            metric.add_dimension(name="Code", value=code)
+        _metric("Errors", "Count", 1, ("Code", code))
     _current.set(None)

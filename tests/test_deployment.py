@@ -138,7 +138,7 @@ def test_the_onnx_deployment_fits_lambda_with_no_torch() -> None:
     function_zip = artefact(ONNX_PACKAGE / "deployment.zip")
 
     assert unzipped_size(function_zip) + unzipped_size(ONNX_LAYER) <= 250 * MIB
-    assert {"onnxruntime", "numpy", "PIL", "urllib3", "aws_lambda_powertools"} <= installed
+    assert {"onnxruntime", "numpy", "PIL", "urllib3", "certifi"} <= installed
     assert not installed & {"torch", "torchvision", "sympy", "mpmath", "boto3", "botocore"}
     assert function["Layers"] == [{"Ref": "ManagedLayer"}]
     assert function["Environment"]["Variables"]["MODEL_BACKEND"] == "onnx"

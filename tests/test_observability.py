@@ -211,7 +211,7 @@ def test_log_level_is_honoured_by_every_logger_of_ours(
 
 
 def test_a_wrong_log_level_does_not_stop_the_app_from_importing() -> None:
-    """powertools read LOG_LEVEL when app.py was imported: on Lambda, an init failure with no answer."""
+    """A bad LOG_LEVEL read while app.py is imported would be an init failure on Lambda: no answer."""
     result = subprocess.run(
         [sys.executable, "-c", "import app"],
         cwd=ROOT, env={**os.environ, "LOG_LEVEL": "verbose"}, capture_output=True, text=True, check=False,
