@@ -1,18 +1,24 @@
-"""Where the model archive is, and how it becomes verified files on local disk.
+"""Where the model archive is, and how the files a backend needs become verified files on local disk.
 
-The archive (``model.tar.gz``) comes from S3 or from a local path. Either way
-it ends up extracted under the cache directory (``/tmp`` on Lambda) in a
-folder named after the archive's SHA-256, so a later process in the same
-sandbox reuses the extraction and two different archives never mix.
+The archive (``model.tar.gz``) comes from S3 (through ``chalicelib.s3``, not
+boto3) or from a local path, and is extracted as it streams in, under the
+cache directory (``/tmp`` on Lambda), into a folder named after the archive's
+identity (S3's ETag, or a local file's SHA-256) and the model formats asked
+for: a later process in the same sandbox reuses the extraction without
+downloading anything, and two different archives never mix.
 
-A download goes to a scratch file of this process and is deleted once
-extracted; the extraction is built in a scratch folder and published by one
-atomic rename, so a download or extraction that dies half way is never
-mistaken for a good one. The archive is checked in full before its
-extraction is published: its length against S3's Content-Length, its gzip
-CRC, and every member's name and type (no absolute paths, no ``..``, no
-links); extraction itself also runs through tarfile's ``data`` filter.
+Only what the chosen backend needs is extracted: ``classes.txt``,
+``manifest.json`` and one model file. An archive written by
+``tools/model_archive.py`` puts its manifest first, with the SHA-256 of every
+other member, and its ONNX model before its TorchScript file; each member is
+checked against its hash as it is written, and the download stops as soon as
+the wanted members are in, so an ONNX container downloads about half of an
+archive that carries both formats. An archive without those hashes (the
+fast.ai tutorial's) is read to its end instead, where the gzip CRC checks it.
 
+The extraction is built in a scratch folder and published by one atomic
+rename, so one that dies half way is never mistaken for a good one. Every
+member's name and type is checked (no absolute paths, no ``..``, no links).
 Scratch names carry the process id, so the leftovers of a process killed mid
 way (a Lambda timeout, an out-of-memory kill) are removed by the next one,
 while a live process's are never touched.
@@ -20,18 +26,18 @@ while a live process's are never touched.
 Every failure is a ``ModelUnavailable`` (503) that says which: S3 refused or
 broke off, the archive is corrupt, the cache directory's disk is full,
 read-only or forbidden (naming MODEL_CACHE_DIR), or the load passed its
-deadline (MODEL_LOAD_DEADLINE). The deadline is shared among botocore's
-attempts and also bounds the body's reads and the extraction.
+deadline (MODEL_LOAD_DEADLINE). The deadline is shared among the S3
+attempts and also bounds every read of the body and the extraction.
 
-This module knows nothing of torch: it hands back paths and plain values.
+This module knows nothing of torch or ONNX Runtime: it hands back paths and plain values.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import gzip
 import hashlib
+import io
 import json
 import logging
 import os
@@ -40,35 +46,40 @@ import tarfile
 import tempfile
 import time
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import IO, Any, Protocol
-
-from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError, ConnectTimeoutError, ReadTimeoutError
-from botocore.response import StreamingBody
+from typing import IO, TYPE_CHECKING, Any
 
 from chalicelib.errors import ModelUnavailable
+from chalicelib.locations import ArchiveLocation, LocalArchive, S3Archive
+
+if TYPE_CHECKING:
+    import urllib3
+
+    from chalicelib.s3 import S3Reader
 
 logger = logging.getLogger(__name__)
 
 TORCHSCRIPT_SUFFIXES = (".pt", ".pth")
 ONNX_SUFFIX = ".onnx"
+# Model formats by name, as the backends ask for them, and the file suffixes of each.
+MODEL_FORMATS: Mapping[str, tuple[str, ...]] = {"onnx": (ONNX_SUFFIX,), "torchscript": TORCHSCRIPT_SUFFIXES}
 CLASSES_FILENAME = "classes.txt"
 MANIFEST_FILENAME = "manifest.json"
-CHUNK_SIZE = 1024 * 1024
-# Small, so that a slow body cannot hold one read long past the deadline.
-DOWNLOAD_CHUNK_SIZE = 64 * 1024
-PARTIAL_PREFIX = ".partial-"
+# Below the 1 MiB from which budgets.py has glibc map (and fault in) each allocation afresh.
+CHUNK_SIZE = 256 * 1024
+GZIP_WBITS = 16 + zlib.MAX_WBITS  # zlib reads (and checks) the gzip header and trailer
 STAGING_PREFIX = ".staging-"
 
-# botocore's timeouts bound one socket operation and it retries, so the time
-# left is shared among the attempts; these cap each share when time is plenty.
+# A socket timeout bounds one read and S3 calls are retried, so the time left
+# is shared among the attempts; these cap each share when time is plenty.
 S3_CONNECT_TIMEOUT = 5.0
 S3_READ_TIMEOUT = 20.0
 S3_ATTEMPTS = 3
+# Statuses worth another attempt: S3's throttling and its own failures.
+S3_RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 
 # Left free after a fetch, for the model being served and the function's
 # other temporary files.
@@ -88,26 +99,6 @@ _DISK_FAULTS = {
     errno.EPERM: "the operation is not permitted",
     errno.EIO: "the disk reported an I/O error",
 }
-
-
-@dataclass(frozen=True)
-class S3Archive:
-    bucket: str
-    key: str
-
-    def __str__(self) -> str:
-        return f"s3://{self.bucket}/{self.key}"
-
-
-@dataclass(frozen=True)
-class LocalArchive:
-    path: Path
-
-    def __str__(self) -> str:
-        return str(self.path)
-
-
-ArchiveLocation = S3Archive | LocalArchive
 
 
 @dataclass(frozen=True)
@@ -135,55 +126,45 @@ class ArchiveVersion:
 
     @property
     def room_to_fetch(self) -> int:
-        """Disk a fetch of it needs at its peak: the archive and its extraction side by side.
+        """Disk a fetch of it needs at its peak: its extraction, with room for one that compresses well.
 
-        Model weights hardly compress, so the extraction is about as large as the archive.
+        Model weights hardly compress, so an extraction is about as large as its archive.
         """
         return 2 * self.size
-
-
-class S3Client(Protocol):
-    def get_object(self, *, Bucket: str, Key: str) -> dict[str, Any]: ...  # noqa: N803
-    def head_object(self, *, Bucket: str, Key: str) -> dict[str, Any]: ...  # noqa: N803
-
-
-class S3ClientFactory(Protocol):
-    """Builds a client with the given timeouts and retries; endpoint and credentials are its own."""
-
-    def __call__(self, config: Config) -> S3Client: ...
 
 
 class ModelStore:
     """Turns an archive location into ``ModelFiles`` under ``cache_dir``.
 
-    The S3 client comes from a factory so that it is built only when an S3
-    archive is actually fetched (importing the app or serving a local model
-    must not touch AWS), and built per call, with timeouts that fit the time
-    left before that call's deadline.
+    The S3 reader is built only when an S3 archive is actually fetched:
+    importing the app or serving a local model must not touch AWS.
     """
 
-    def __init__(self, cache_dir: Path, s3_client: S3ClientFactory) -> None:
+    def __init__(self, cache_dir: Path, s3: Callable[[], S3Reader] | None = None) -> None:
         self._cache_dir = cache_dir
-        self._s3_client = s3_client
+        self._s3 = s3 or _reader_from_environment
 
-    def fetch(self, location: ArchiveLocation, deadline: float) -> ModelFiles:
-        """The archive's checked files; downloading and extracting stop at ``deadline`` (monotonic)."""
+    def fetch(
+        self, location: ArchiveLocation, deadline: float, formats: Sequence[str] = tuple(MODEL_FORMATS)
+    ) -> ModelFiles:
+        """The archive's checked files, with one model file of the first of ``formats`` it has.
+
+        Downloading and extracting stop at ``deadline`` (a ``time.monotonic()`` value).
+        """
         budget = _Budget.until(deadline)
         with _cache_faults(self._cache_dir):
-            self._cache_dir.mkdir(parents=True, exist_ok=True)
+            (self._cache_dir / "models").mkdir(parents=True, exist_ok=True)
             self._remove_leftovers()
             if isinstance(location, S3Archive):
-                with self._downloaded(location, budget) as (archive, digest, version):
-                    folder = self._extract(archive, digest, budget)
+                folder, version = self._fetch_s3(location, budget, formats)
             else:
-                archive, digest, version = self._local(location)
-                folder = self._extract(archive, digest, budget)
+                folder, version = self._fetch_local(location, budget, formats)
             return _read_model_files(folder, source=str(location), version=version)
 
     def discard(self, files: ModelFiles) -> None:
         """Delete an extraction that is no longer served: /tmp holds one model beside torch, not two.
 
-        Safe once the model is loaded, since TorchScript is read into memory.
+        Safe once the model is loaded, since both backends read their file into memory.
         """
         if files.folder.parent == self._cache_dir / "models":
             shutil.rmtree(files.folder, ignore_errors=True)
@@ -191,12 +172,13 @@ class ModelStore:
     def current_version(self, location: ArchiveLocation, deadline: float) -> ArchiveVersion:
         """What ``fetch`` would get now, cheaply: S3's ETag and size from HeadObject, or a local hash."""
         if isinstance(location, LocalArchive):
-            path, _, version = self._local(location)
-            return ArchiveVersion(version=version, size=path.stat().st_size)
+            digest = self._local_digest(location)
+            return ArchiveVersion(version=_hash_version(digest), size=location.path.stat().st_size)
         budget = _Budget.until(deadline)
-        with _s3_errors(location, budget, "S3 could not be asked for the model's version"):
-            head = self._client(budget).head_object(Bucket=location.bucket, Key=location.key)
-        return ArchiveVersion(version=_etag(head), size=int(head.get("ContentLength", 0)))
+        failure = "S3 could not be asked for the model's version"
+        headers = self._attempts(location, budget, failure, lambda reader, timeout: reader.head(
+            location.bucket, location.key, timeout))  # fmt: skip
+        return ArchiveVersion(version=_etag(headers), size=int(headers.get("Content-Length", 0)))
 
     def check_room(self, needed_bytes: int) -> None:
         """Refuse, before anything is written, a fetch that would fill the cache's filesystem.
@@ -214,74 +196,136 @@ class ModelStore:
             )
 
     def _remove_leftovers(self) -> None:
-        remove_leftovers(self._cache_dir / "archives", PARTIAL_PREFIX)
         remove_leftovers(self._cache_dir / "models", STAGING_PREFIX)
 
-    def _client(self, budget: _Budget) -> S3Client:
-        """A client whose attempts, retries included, all end by the deadline.
+    def _fetch_s3(self, location: S3Archive, budget: _Budget, formats: Sequence[str]) -> tuple[Path, str]:
+        failure = "The model archive could not be downloaded from S3"
+        response = self._attempts(location, budget, failure, lambda reader, timeout: reader.get(
+            location.bucket, location.key, timeout))  # fmt: skip
+        try:
+            etag = _etag(response.headers)
+            target = self._target(f"{location} {etag}", formats)
+            if target.is_dir():  # extracted already, by this process or an earlier one in the sandbox
+                return target, etag
+            stream = _DownloadStream(response, location, budget, failure)
+            self._extract(stream, target, budget, formats)
+            logger.info("extracted %s (ETag %s) after %d bytes", location, etag, stream.received)
+            return target, etag
+        finally:
+            response.release_conn() if response.isclosed() else response.close()
 
-        Each attempt gets an equal share of the time left, half to connect
-        and half to wait for an answer, so a silent S3 costs the deadline at
-        most, not botocore's attempts times its read timeout.
-        """
-        share = budget.check("waiting for S3") / S3_ATTEMPTS / 2
-        return self._s3_client(
-            Config(
-                connect_timeout=min(S3_CONNECT_TIMEOUT, share),
-                read_timeout=min(S3_READ_TIMEOUT, share),
-                retries={"mode": "standard", "total_max_attempts": S3_ATTEMPTS},
-            )
-        )
+    def _fetch_local(
+        self, location: LocalArchive, budget: _Budget, formats: Sequence[str]
+    ) -> tuple[Path, str]:
+        digest = self._local_digest(location)
+        target = self._target(digest, formats)
+        if not target.is_dir():
+            with location.path.open("rb") as stream:
+                self._extract(stream, target, budget, formats)
+        return target, _hash_version(digest)
 
-    def _local(self, location: LocalArchive) -> tuple[Path, str, str]:
+    def _local_digest(self, location: LocalArchive) -> str:
         if not location.path.is_file():
             raise ModelUnavailable(
                 f"The model archive {location.path} does not exist. Set MODEL_BUCKET and "
                 "MODEL_KEY, or MODEL_PATH, or build the demo model with `make model`."
             )
         try:
-            digest = _sha256_of(location.path)
+            return _sha256_of(location.path)
         except OSError as error:
             raise ModelUnavailable(
                 f"The model archive {location.path} (MODEL_PATH) cannot be read: "
                 f"{describe_disk_fault(error)}."
             ) from error
-        return location.path, digest, _hash_version(digest)
 
-    @contextmanager
-    def _downloaded(self, location: S3Archive, budget: _Budget) -> Iterator[tuple[Path, str, str]]:
-        """The archive in a scratch file of this process, with its digest and version, deleted afterwards.
+    def _target(self, identity: str, formats: Sequence[str]) -> Path:
+        """The extraction's folder: one per archive and per formats asked for."""
+        name = hashlib.sha256(identity.encode()).hexdigest()[:32]
+        return self._cache_dir / "models" / f"{name}-{'-'.join(formats)}"
 
-        /tmp is small and shared with the PyTorch layer: keep only the
-        extracted files, never a second copy of the archive. urllib3 raises if
-        fewer bytes arrive than Content-Length promised, and the gzip CRC check
-        during extraction catches bytes that arrived wrong.
+    def _extract(self, stream: IO[bytes], target: Path, budget: _Budget, formats: Sequence[str]) -> None:
+        """Extract into a scratch folder and publish it; a finished folder is never rewritten."""
+        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=owned_prefix(STAGING_PREFIX)))
+        try:
+            _extract_wanted(stream, staging, budget, formats)
+            _publish_directory(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def _attempts(
+        self,
+        location: S3Archive,
+        budget: _Budget,
+        failure: str,
+        call: Callable[[S3Reader, urllib3.Timeout], Any],
+    ) -> Any:
+        """``call`` until S3 answers, at most ``S3_ATTEMPTS`` times, all within the deadline.
+
+        Each attempt gets an equal share of the time left, half to connect and
+        half to wait for an answer, so a silent S3 costs the deadline at most.
         """
-        failure = "The model archive could not be downloaded from S3"
-        with _s3_errors(location, budget, failure):
-            response = self._client(budget).get_object(Bucket=location.bucket, Key=location.key)
-        digest = hashlib.sha256()
-        with _scratch_file(self._cache_dir / "archives", ".tar.gz") as (path, sink):
-            for chunk in _body_chunks(response["Body"], location, budget, failure):
-                sink.write(chunk)
-                digest.update(chunk)
-            sink.flush()
-            etag = _etag(response)
-            logger.info("downloaded %s (%d bytes, ETag %s)", location, sink.tell(), etag)
-            yield path, digest.hexdigest(), etag or _hash_version(digest.hexdigest())
+        import urllib3  # noqa: PLC0415 - the S3 path only; a local model never needs it
 
-    def _extract(self, archive: Path, digest: str, budget: _Budget) -> Path:
-        """Extract once per distinct archive; a finished folder is never rewritten."""
-        target = self._cache_dir / "models" / digest
-        if not target.is_dir():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=owned_prefix(STAGING_PREFIX)))
+        from chalicelib.s3 import S3Error  # noqa: PLC0415
+
+        reader = self._s3()
+        for attempt in range(1, S3_ATTEMPTS + 1):
+            share = budget.check("waiting for S3") / (S3_ATTEMPTS - attempt + 1) / 2
+            timeout = urllib3.Timeout(
+                connect=min(S3_CONNECT_TIMEOUT, share), read=min(S3_READ_TIMEOUT, share)
+            )
             try:
-                _safe_extract(archive, staging, budget)
-                _publish_directory(staging, target)
-            finally:
-                shutil.rmtree(staging, ignore_errors=True)
-        return target
+                return call(reader, timeout)
+            except S3Error as error:
+                if error.status not in S3_RETRY_STATUSES or attempt == S3_ATTEMPTS:
+                    raise _s3_error(location, error.code) from error
+            except urllib3.exceptions.TimeoutError as error:
+                # urllib3 makes a refused connection a kind of ConnectTimeoutError: not a deadline.
+                refused = isinstance(error, urllib3.exceptions.NewConnectionError)
+                if attempt == S3_ATTEMPTS and not refused:
+                    raise budget.exceeded(f"S3 did not answer in time ({type(error).__name__})") from error
+                if attempt == S3_ATTEMPTS:
+                    logger.warning("%s: %s: %s", location, failure, error)
+                    raise ModelUnavailable(f"{failure} ({type(error).__name__}).") from error
+            except (urllib3.exceptions.HTTPError, OSError) as error:
+                if attempt == S3_ATTEMPTS:
+                    logger.warning("%s: %s: %s", location, failure, error)
+                    raise ModelUnavailable(f"{failure} ({type(error).__name__}).") from error
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+def _reader_from_environment() -> S3Reader:
+    from chalicelib.s3 import S3Reader  # noqa: PLC0415 - the S3 path only
+
+    return S3Reader.from_environment()
+
+
+class _DownloadStream:
+    """An S3 object's body as a file for gzip: each read bounded by the deadline, errors as 503s."""
+
+    def __init__(
+        self, response: urllib3.BaseHTTPResponse, location: S3Archive, budget: _Budget, failure: str
+    ) -> None:
+        self._response = response
+        self._location = location
+        self._budget = budget
+        self._failure = failure
+        self.received = 0
+
+    def read(self, size: int = -1) -> bytes:
+        import urllib3  # noqa: PLC0415 - already imported by the S3 reader
+
+        self._budget.check("downloading the archive")
+        try:
+            # read1: what has arrived, so the deadline is checked between every few packets.
+            chunk = self._response.read1(size if size > 0 else CHUNK_SIZE)
+        except urllib3.exceptions.TimeoutError as error:
+            raise self._budget.exceeded(f"S3 did not answer in time ({type(error).__name__})") from error
+        except (urllib3.exceptions.HTTPError, OSError) as error:
+            logger.warning("%s: %s: %s", self._location, self._failure, error)
+            raise ModelUnavailable(f"{self._failure} ({type(error).__name__}).") from error
+        self.received += len(chunk)
+        return chunk
 
 
 @dataclass(frozen=True)
@@ -308,39 +352,8 @@ class _Budget:
         )
 
 
-def _body_chunks(body: StreamingBody, location: S3Archive, budget: _Budget, failure: str) -> Iterator[bytes]:
-    """The object's bytes as they arrive, until the deadline.
-
-    The deadline is checked between reads, so it is overrun by one read at
-    most: a stalled stream by the client's read timeout (a share of the
-    budget, see ``ModelStore._client``), a slow one by a small chunk's time.
-    """
-    while True:
-        with _s3_errors(location, budget, failure):
-            budget.check("downloading the archive")
-            chunk = body.read(DOWNLOAD_CHUNK_SIZE)
-        if not chunk:
-            return
-        yield chunk
-
-
-@contextmanager
-def _s3_errors(location: S3Archive, budget: _Budget, failure: str) -> Iterator[None]:
-    """S3's errors as 503s that say which; botocore's timeouts are the deadline's."""
-    try:
-        yield
-    except ClientError as error:
-        raise _s3_error(location, error) from error
-    except (ConnectTimeoutError, ReadTimeoutError) as error:
-        raise budget.exceeded(f"S3 did not answer in time ({type(error).__name__})") from error
-    except BotoCoreError as error:
-        logger.warning("%s: %s: %s", location, failure, error)
-        raise ModelUnavailable(f"{failure} ({type(error).__name__}).") from error
-
-
-def _s3_error(location: S3Archive, error: ClientError) -> ModelUnavailable:
-    code = str(error.response.get("Error", {}).get("Code", ""))
-    logger.warning("could not read %s: %s", location, error)
+def _s3_error(location: S3Archive, code: str) -> ModelUnavailable:
+    logger.warning("could not read %s: %s", location, code)
     if code in _MISSING_CODES:
         return ModelUnavailable(
             f"The model archive was not found in S3: MODEL_BUCKET/MODEL_KEY name no object ({code})."
@@ -364,9 +377,9 @@ def describe_disk_fault(error: OSError) -> str:
 def _cache_faults(cache_dir: Path) -> Iterator[None]:
     """An ``OSError`` of the cache's own I/O as a 503 naming MODEL_CACHE_DIR and the cure.
 
-    S3's errors never get here as ``OSError`` (``_s3_errors`` turns them into
-    503s first; some of botocore's timeouts are ``OSError`` subclasses), nor
-    do a corrupt archive's (``_safe_extract`` reports those).
+    S3's errors never get here as ``OSError`` (``_DownloadStream`` and
+    ``ModelStore._attempts`` turn them into 503s first), nor do a corrupt
+    archive's (``_extract_wanted`` reports those).
     """
     try:
         yield
@@ -381,16 +394,6 @@ def _cache_faults(cache_dir: Path) -> Iterator[None]:
             f"The model cannot be stored in the cache directory {cache_dir} (MODEL_CACHE_DIR): "
             f"{describe_disk_fault(error)}; {cure}."
         ) from error
-
-
-@contextmanager
-def _scratch_file(directory: Path, suffix: str) -> Iterator[tuple[Path, IO[bytes]]]:
-    """A file of this process's own under ``directory``, deleted on the way out whatever happens."""
-    directory.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(
-        dir=directory, prefix=owned_prefix(PARTIAL_PREFIX), suffix=suffix
-    ) as sink:
-        yield Path(sink.name), sink
 
 
 def owned_prefix(prefix: str) -> str:
@@ -448,8 +451,8 @@ def _mib(size: int) -> str:
     return f"{size / 2**20:.0f}"
 
 
-def _etag(response: Mapping[str, Any]) -> str:
-    return str(response.get("ETag", "")).strip('"')
+def _etag(headers: Mapping[str, str]) -> str:
+    return str(headers.get("ETag", "")).strip('"')
 
 
 def _hash_version(digest: str) -> str:
@@ -487,31 +490,148 @@ def _check_member(member: tarfile.TarInfo, destination: Path) -> None:
         ) from error
 
 
-def _safe_extract(archive_path: Path, destination: Path, budget: _Budget) -> None:
-    """One streaming pass: check every member, extract the wanted ones, verify the gzip CRC.
+@dataclass
+class _Plan:
+    """What to extract, from a manifest that lists the SHA-256 of the archive's members.
 
-    Reading through ``gzip`` to the very end makes it check the CRC and length
-    trailer, which tarfile alone never reads; a corrupt body is refused even
-    when its tar headers look fine. The caller publishes ``destination`` only
-    if this returns. An ``OSError`` with an errno is the disk's fault, not the
-    archive's (gzip's own format error has none), and is left to the caller.
+    ``wanted`` starts as classes.txt and the one model file of the first
+    format asked for that the archive has (every model file if it has none of
+    them, so that the backend can say what is missing); each is checked
+    against its hash and struck off as it is written.
     """
-    extracted: list[tarfile.TarInfo] = []
+
+    hashes: Mapping[str, str]
+    wanted: set[str] = field(default_factory=set)
+
+    @classmethod
+    def from_manifest(cls, manifest: Mapping[str, Any], formats: Sequence[str]) -> _Plan | None:
+        files = manifest.get("files")
+        if not isinstance(files, Mapping):
+            return None
+        hashes = {
+            name: entry["sha256"]
+            for name, entry in files.items()
+            if isinstance(entry, Mapping) and isinstance(entry.get("sha256"), str)
+        }
+        if CLASSES_FILENAME not in hashes:
+            return None
+        models = [name for name in hashes if _format_of(name) is not None]
+        chosen = next((name for wanted in formats for name in models if _format_of(name) == wanted), None)
+        return cls(hashes, {CLASSES_FILENAME, *([chosen] if chosen else models)})
+
+
+def _format_of(name: str) -> str | None:
+    return next((label for label, suffixes in MODEL_FORMATS.items() if name.endswith(suffixes)), None)
+
+
+def _extract_wanted(stream: IO[bytes], destination: Path, budget: _Budget, formats: Sequence[str]) -> None:
+    """One streaming pass: check every member, write the wanted ones, verify them, stop when done.
+
+    With a manifest that lists hashes (and comes first, as ours do), other
+    formats' model files are skipped and the reading stops once the wanted
+    members are written and match their hashes. Otherwise every model file is
+    written and the stream is read to its very end, which makes zlib check
+    the gzip CRC and length trailer (tarfile alone never reads it). An
+    ``OSError`` with an errno is the disk's fault, not the archive's, and is
+    left to the caller.
+    """
+    written: dict[str, str] = {}  # member name -> its SHA-256
+    plan: _Plan | None = None
     try:
-        with gzip.open(archive_path) as stream, tarfile.open(fileobj=stream, mode="r|") as archive:
+        with (
+            _Gunzip(stream) as unzipped,
+            tarfile.open(fileobj=unzipped, mode="r|", bufsize=CHUNK_SIZE) as archive,
+        ):
             for member in archive:
                 budget.check("extracting the archive")
                 _check_member(member, destination)
-                if member.isfile() and _is_wanted(member):
-                    archive.extract(member, destination, filter="data")
-                    extracted.append(member)
-            while stream.read(CHUNK_SIZE):
-                budget.check("extracting the archive")
+                name = PurePosixPath(member.name).name
+                if not (member.isfile() and _is_wanted(member)) or (plan and name not in plan.wanted):
+                    continue
+                written[member.name] = _write_member(archive, member, destination, budget)
+                if name == MANIFEST_FILENAME and plan is None:
+                    plan = _Plan.from_manifest(
+                        _parse_manifest((destination / member.name).read_bytes()), formats
+                    )
+                if plan is not None:
+                    _verify(written, plan)
+                    if not plan.wanted:
+                        break
+            else:
+                while unzipped.read(CHUNK_SIZE):
+                    budget.check("extracting the archive")
     except (tarfile.TarError, OSError, EOFError, zlib.error) as error:
         if isinstance(error, OSError) and error.errno is not None:
             raise
         raise ModelUnavailable(f"The model archive is corrupt: {error}.") from error
-    _check_contents(extracted)
+    _check_contents(list(written))
+
+
+class _Gunzip(io.RawIOBase):
+    """A gzip stream's content, inflated a CHUNK_SIZE at a time.
+
+    Python 3.11's GzipFile pulls 8 KiB from its source per call, which on a
+    download costs a urllib3 read each: a third of the extraction's time.
+    zlib checks each member's CRC and length as it reaches its end; members
+    follow one another (as ``cat a.gz b.gz`` makes them), and zero bytes
+    after the last one are padding, as gzip itself takes them.
+    """
+
+    def __init__(self, compressed: IO[bytes]) -> None:
+        self._compressed = compressed
+        self._inflater = zlib.decompressobj(wbits=GZIP_WBITS)
+        self._pending = memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while not self._pending:
+            data = self._inflater.unconsumed_tail
+            if self._inflater.eof:
+                data = (self._inflater.unused_data or self._compressed.read(CHUNK_SIZE)).lstrip(b"\0")
+                while not data and (more := self._compressed.read(CHUNK_SIZE)):
+                    data = more.lstrip(b"\0")
+                if not data:
+                    return 0
+                self._inflater = zlib.decompressobj(wbits=GZIP_WBITS)
+            data = data or self._compressed.read(CHUNK_SIZE)
+            if not data:
+                raise EOFError("the archive ends in the middle of its gzip stream")
+            self._pending = memoryview(self._inflater.decompress(data, CHUNK_SIZE))
+        count = min(len(buffer), len(self._pending))
+        buffer[:count] = self._pending[:count]
+        self._pending = self._pending[count:]
+        return count
+
+
+def _write_member(
+    archive: tarfile.TarFile, member: tarfile.TarInfo, destination: Path, budget: _Budget
+) -> str:
+    """Copy one member out of the stream, hashing it on the way; its SHA-256."""
+    source = archive.extractfile(member)
+    assert source is not None  # a regular file, checked by the caller
+    path = destination / member.name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    with path.open("wb") as sink:
+        while chunk := source.read(CHUNK_SIZE):
+            budget.check("extracting the archive")
+            digest.update(chunk)
+            sink.write(chunk)
+    return digest.hexdigest()
+
+
+def _verify(written: Mapping[str, str], plan: _Plan) -> None:
+    """Every member written so far that the manifest lists must match its hash; strike it off."""
+    for member_name, digest in written.items():
+        name = PurePosixPath(member_name).name
+        expected = plan.hashes.get(name)
+        if expected is not None and expected != digest:
+            raise ModelUnavailable(
+                f"The model archive is corrupt: {name} does not match the SHA-256 its manifest.json lists."
+            )
+        plan.wanted.discard(name)
 
 
 def _is_wanted(member: tarfile.TarInfo) -> bool:
@@ -521,24 +641,24 @@ def _is_wanted(member: tarfile.TarInfo) -> bool:
     )
 
 
-def _check_contents(extracted: list[tarfile.TarInfo]) -> None:
+def _check_contents(written: list[str]) -> None:
     """A TorchScript file, an ONNX model or both, exactly one classes.txt, at most one manifest.json."""
-    torchscript = [m for m in extracted if m.name.endswith(TORCHSCRIPT_SUFFIXES)]
-    onnx = [m for m in extracted if m.name.endswith(ONNX_SUFFIX)]
+    torchscript = [name for name in written if name.endswith(TORCHSCRIPT_SUFFIXES)]
+    onnx = [name for name in written if name.endswith(ONNX_SUFFIX)]
     if len(torchscript) > 1 or len(onnx) > 1 or not (torchscript or onnx):
-        found = ", ".join(m.name for m in torchscript + onnx) or "none"
+        found = ", ".join(torchscript + onnx) or "none"
         raise ModelUnavailable(
             "The model archive must hold one TorchScript file (*.pt or *.pth), one ONNX model "
             f"(model.onnx), or one of each; found {found}."
         )
-    _named(extracted, CLASSES_FILENAME, required=True)
-    _named(extracted, MANIFEST_FILENAME, required=False)
+    _named(written, CLASSES_FILENAME, required=True)
+    _named(written, MANIFEST_FILENAME, required=False)
 
 
-def _named(files: list[tarfile.TarInfo], filename: str, *, required: bool) -> None:
-    matches = [m for m in files if PurePosixPath(m.name).name == filename]
+def _named(written: list[str], filename: str, *, required: bool) -> None:
+    matches = [name for name in written if PurePosixPath(name).name == filename]
     if len(matches) > 1 or (required and not matches):
-        found = ", ".join(m.name for m in matches) or "none"
+        found = ", ".join(matches) or "none"
         raise ModelUnavailable(
             f"The model archive must hold {'exactly' if required else 'at most'} one "
             f"{filename}; found {found}."

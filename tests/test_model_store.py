@@ -10,7 +10,9 @@ come from processes that really died.
 
 from __future__ import annotations
 
+import gzip
 import io
+import json
 import random
 import socket
 import subprocess
@@ -20,22 +22,13 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import boto3
 import pytest
-from botocore.config import Config
 from chalice.test import Client
 
 from chalicelib.errors import ModelUnavailable
-from chalicelib.model_store import (
-    PARTIAL_PREFIX,
-    ROOM_HEADROOM_BYTES,
-    STAGING_PREFIX,
-    LocalArchive,
-    ModelStore,
-    S3Archive,
-    S3Client,
-    S3ClientFactory,
-)
+from chalicelib.locations import LocalArchive, S3Archive
+from chalicelib.model_store import ROOM_HEADROOM_BYTES, STAGING_PREFIX, ModelStore
+from chalicelib.s3 import Credentials, S3Reader
 from chalicelib.settings import DEMO_ARCHIVE
 from tests.conftest import DEMO_KEY, MODEL_BUCKET
 from tests.support.api import classify, error_of
@@ -49,6 +42,7 @@ from tests.support.archives import (
     tar_gz,
     traced_colour_model,
 )
+from tests.support.chalice_local import free_port
 from tests.support.faulty_disk import ROOT, ReadOnly, Tmpfs, run_python
 from tests.support.http_server import RoutedHTTPServer
 from tests.support.s3 import MotoS3Server
@@ -62,13 +56,9 @@ def in_a_minute() -> float:
     return time.monotonic() + 60
 
 
-def moto_client(config: Config) -> S3Client:
-    """A client of the loopback S3, built as the service builds it: boto3 reads AWS_ENDPOINT_URL_S3."""
-    return boto3.client("s3", config=config)
-
-
-def client_of(endpoint: str) -> S3ClientFactory:
-    return lambda config: boto3.client("s3", endpoint_url=endpoint, config=config)
+def reader_of(endpoint: str) -> S3Reader:
+    """An S3 reader of another loopback 'S3' than the test session's (which the service finds itself)."""
+    return S3Reader("us-east-1", Credentials("testing", "testing"), endpoint)
 
 
 ABSOLUTE_MEMBER = "/tmp/chalice-classifier-test-absolute-member.txt"
@@ -87,6 +77,7 @@ BAD_ARCHIVES = {
     "truncated": (fastai_archive()[:-200], "corrupt"),
     # Tar headers and data intact, gzip CRC trailer wrong: only reading to the end catches it.
     "bad-gzip-crc": (_with_bad_crc(fastai_archive()), "corrupt"),
+    "not-gzipped": (gzip.decompress(fastai_archive()), "corrupt"),
     "no-classes": (tar_gz({"model.pt": traced_colour_model()}), "classes.txt"),
     "no-model": (tar_gz({"classes.txt": _classes()}), "found none"),
     "two-models": (
@@ -217,7 +208,10 @@ def test_missing_local_archive_is_503_that_says_how_to_fix_it(
 
 
 class TruncatingS3:
-    """A loopback 'S3' that promises the whole object and hangs up half way."""
+    """A loopback 'S3' that promises the whole object and hangs up a quarter of the way through.
+
+    That is inside the demo archive's model.onnx, which its first half holds.
+    """
 
     def __init__(self, payload: bytes) -> None:
         self._payload = payload
@@ -240,7 +234,7 @@ class TruncatingS3:
                     "HTTP/1.1 200 OK\r\nContent-Type: application/x-gzip\r\n"
                     f'ETag: "abc"\r\nContent-Length: {len(self._payload)}\r\n\r\n'
                 )
-                connection.sendall(head.encode() + self._payload[: len(self._payload) // 2])
+                connection.sendall(head.encode() + self._payload[: len(self._payload) // 4])
 
     def __enter__(self) -> TruncatingS3:
         self._thread.start()
@@ -259,7 +253,7 @@ def truncating_s3() -> Iterator[TruncatingS3]:
 def test_truncated_download_is_never_used_and_leaves_no_partial_file(
     truncating_s3: TruncatingS3, tmp_path: Path
 ) -> None:
-    store = ModelStore(tmp_path, s3_client=client_of(truncating_s3.endpoint))
+    store = ModelStore(tmp_path, s3=lambda: reader_of(truncating_s3.endpoint))
 
     with pytest.raises(ModelUnavailable, match="could not be downloaded"):
         store.fetch(S3Archive(bucket="models", key="model.tar.gz"), in_a_minute())
@@ -268,19 +262,58 @@ def test_truncated_download_is_never_used_and_leaves_no_partial_file(
 
 
 @pytest.mark.usefixtures("s3")
-def test_extraction_is_reused_by_a_later_process_in_the_same_sandbox(tmp_path: Path) -> None:
-    store = ModelStore(tmp_path, s3_client=moto_client)
-    first = store.fetch(S3Archive(bucket=MODEL_BUCKET, key=DEMO_KEY), in_a_minute())
-    first_inode = first.torchscript_path.stat().st_ino
+def test_extraction_is_reused_by_a_later_process_in_the_same_sandbox(
+    tmp_path: Path, s3_server: MotoS3Server
+) -> None:
+    demo = S3Archive(bucket=MODEL_BUCKET, key=DEMO_KEY)
+    first = ModelStore(tmp_path, s3=S3Reader.from_environment).fetch(demo, in_a_minute())
+    first_inode = first.onnx_path.stat().st_ino
+    downloads = s3_server.log.count("GET", f"/{MODEL_BUCKET}/{DEMO_KEY}")
 
-    second = ModelStore(tmp_path, s3_client=moto_client).fetch(
-        S3Archive(bucket=MODEL_BUCKET, key=DEMO_KEY), in_a_minute()
-    )
+    second = ModelStore(tmp_path, s3=S3Reader.from_environment).fetch(demo, in_a_minute())
 
-    assert second.torchscript_path == first.torchscript_path
-    assert second.torchscript_path.stat().st_ino == first_inode
+    assert second.onnx_path == first.onnx_path
+    assert second.onnx_path.stat().st_ino == first_inode
+    # The second asked S3 for the object (its ETag names the folder) and read none of its body.
+    assert s3_server.log.count("GET", f"/{MODEL_BUCKET}/{DEMO_KEY}") == downloads + 1
     assert len(first.classes) == 1000
     assert first.manifest["preprocessing"]["interpolation"] == "bicubic"
+
+
+@pytest.mark.usefixtures("s3")
+@pytest.mark.parametrize(
+    ("formats", "model_file", "read_at_most"),
+    [(("onnx", "torchscript"), "model.onnx", 0.55), (("torchscript",), "efficientnet_lite0.pt", 1.0)],
+    ids=["onnx", "torchscript"],
+)
+def test_only_what_the_backend_needs_is_downloaded_and_extracted(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    formats: tuple[str, ...],
+    model_file: str,
+    read_at_most: float,
+) -> None:
+    """The demo archive carries both formats; an ONNX container stops reading after its half."""
+    files = ModelStore(tmp_path, s3=S3Reader.from_environment).fetch(
+        S3Archive(MODEL_BUCKET, DEMO_KEY), in_a_minute(), formats
+    )
+
+    extracted = sorted(p.name for p in files.folder.rglob("*") if p.is_file())
+    assert extracted == sorted(["manifest.json", "classes.txt", model_file])
+    read = int(capsys.readouterr().out.split(" after ")[1].split(" bytes")[0])
+    assert read <= read_at_most * DEMO_ARCHIVE.stat().st_size
+
+
+def test_a_member_that_does_not_match_its_hash_is_refused(tmp_path: Path) -> None:
+    """With a manifest of hashes the gzip CRC is not read (the download stops early): the hashes check."""
+    manifest = {"files": {"classes.txt": {"sha256": "0" * 64}, "model.pt": {"sha256": "0" * 64}}}
+    archive = tmp_path / "model.tar.gz"
+    archive.write_bytes(
+        tar_gz({"manifest.json": json.dumps(manifest).encode(), "classes.txt": _classes(), "model.pt": b"w"})
+    )
+
+    with pytest.raises(ModelUnavailable, match=r"classes\.txt does not match the SHA-256"):
+        ModelStore(tmp_path / "cache", s3=_no_s3).fetch(LocalArchive(archive), in_a_minute())
 
 
 def test_classes_with_a_byte_order_mark_and_crlf_read_as_plain_text(tmp_path: Path) -> None:
@@ -288,7 +321,7 @@ def test_classes_with_a_byte_order_mark_and_crlf_read_as_plain_text(tmp_path: Pa
     archive.write_bytes(
         tar_gz({"model.pt": traced_colour_model(), "classes.txt": "\ufeffred\r\ngrün\r\nblue\r\n".encode()})
     )
-    store = ModelStore(tmp_path / "cache", s3_client=_no_s3)
+    store = ModelStore(tmp_path / "cache", s3=_no_s3)
 
     files = store.fetch(LocalArchive(archive), in_a_minute())
 
@@ -296,8 +329,21 @@ def test_classes_with_a_byte_order_mark_and_crlf_read_as_plain_text(tmp_path: Pa
     assert files.version.startswith("sha256:")
 
 
-def _no_s3(config: Config) -> S3Client:
+def _no_s3() -> S3Reader:
     raise AssertionError("a local archive must not touch S3")
+
+
+def test_an_archive_in_several_gzip_members_padded_with_zeros_reads_as_one(tmp_path: Path) -> None:
+    """As ``cat a.gz b.gz`` or a copy padded to a block size leaves it: gzip itself reads those."""
+    tar = gzip.decompress(fastai_archive())
+    half = len(tar) // 2
+    archive = tmp_path / "model.tar.gz"
+    archive.write_bytes(gzip.compress(tar[:half]) + gzip.compress(tar[half:]) + bytes(4096))
+
+    files = ModelStore(tmp_path / "cache", s3=_no_s3).fetch(LocalArchive(archive), time.monotonic() + 60)
+
+    assert files.classes == COLOUR_CLASSES
+    assert files.torchscript_path is not None
 
 
 def test_macos_resource_forks_are_ignored(tmp_path: Path) -> None:
@@ -308,17 +354,21 @@ def test_macos_resource_forks_are_ignored(tmp_path: Path) -> None:
         )
     )
 
-    files = ModelStore(tmp_path / "cache", s3_client=_no_s3).fetch(LocalArchive(archive), in_a_minute())
+    files = ModelStore(tmp_path / "cache", s3=_no_s3).fetch(LocalArchive(archive), in_a_minute())
 
     assert files.torchscript_path.name == "model.pt"
 
 
 def test_demo_archive_is_valid(tmp_path: Path) -> None:
-    files = ModelStore(tmp_path, s3_client=_no_s3).fetch(LocalArchive(DEMO_ARCHIVE), in_a_minute())
+    store = ModelStore(tmp_path, s3=_no_s3)
+    torchscript = store.fetch(LocalArchive(DEMO_ARCHIVE), in_a_minute(), ("torchscript",))
+    onnx = store.fetch(LocalArchive(DEMO_ARCHIVE), in_a_minute(), ("onnx",))
 
-    assert files.classes[281] == "tabby"
-    assert files.manifest["preprocessing"]["mean"] == [0.5, 0.5, 0.5]
-    assert io.BytesIO(files.torchscript_path.read_bytes()).read(2) == b"PK"
+    assert torchscript.classes[281] == onnx.classes[281] == "tabby"
+    assert torchscript.manifest["preprocessing"]["mean"] == [0.5, 0.5, 0.5]
+    assert io.BytesIO(torchscript.torchscript_path.read_bytes()).read(2) == b"PK"
+    assert onnx.onnx_path.stat().st_size > 10 * MIB
+    assert (torchscript.onnx_path, onnx.torchscript_path) == (None, None)
 
 
 def small_archive(tmp_path: Path) -> LocalArchive:
@@ -339,14 +389,14 @@ def put(s3: object, key: str, archive: bytes) -> str:
 FETCH_AND_REPORT = """
 import json, sys, time
 from pathlib import Path
-import boto3
 from chalicelib.errors import ModelUnavailable
-from chalicelib.model_store import LocalArchive, ModelStore, S3Archive
+from chalicelib.locations import LocalArchive, S3Archive
+from chalicelib.model_store import ModelStore
 
 cache, where = Path(sys.argv[1]), sys.argv[2]
 bucket, _, key = where.removeprefix("s3://").partition("/")
 location = S3Archive(bucket, key) if where.startswith("s3://") else LocalArchive(Path(where))
-store = ModelStore(cache, s3_client=lambda config: boto3.client("s3", config=config))
+store = ModelStore(cache)
 try:
     store.fetch(location, time.monotonic() + 60)
     outcome = "loaded"
@@ -362,7 +412,7 @@ def assert_cache_fault(report: dict[str, object], cache: Path, cause: str) -> No
     outcome = str(report["outcome"])
     assert f"cache directory {cache} (MODEL_CACHE_DIR): {cause}" in outcome
     assert "corrupt" not in outcome
-    assert set(report["left"]) <= {"archives", "models"}  # type: ignore[arg-type]
+    assert set(report["left"]) <= {"models"}  # type: ignore[arg-type]
 
 
 @pytest.mark.usefixtures("s3_server")
@@ -420,29 +470,30 @@ def test_a_cache_without_write_permission_is_a_503_that_says_permission(tmp_path
 SLOW_FETCH = """
 import sys, time
 from pathlib import Path
-import boto3
-from chalicelib.model_store import ModelStore, S3Archive
+from chalicelib.locations import S3Archive
+from chalicelib.model_store import ModelStore
 
-store = ModelStore(
-    Path(sys.argv[1]), s3_client=lambda config: boto3.client("s3", endpoint_url=sys.argv[3], config=config)
-)
+from chalicelib.s3 import Credentials, S3Reader
+
+reader = S3Reader("us-east-1", Credentials("testing", "testing"), sys.argv[3])
+store = ModelStore(Path(sys.argv[1]), s3=lambda: reader)
 store.fetch(S3Archive("models", sys.argv[2]), time.monotonic() + 600)
 """
 
 
-def wait_for_partial_download(process: subprocess.Popen[str], archives: Path) -> Path:
-    """The scratch file ``process`` is downloading into, once bytes have arrived in it."""
+def wait_for_partial_extraction(process: subprocess.Popen[str], models: Path) -> Path:
+    """The scratch folder ``process`` is extracting into, once bytes have arrived in it."""
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and process.poll() is None:
-        started = [p for p in archives.glob(f"{PARTIAL_PREFIX}{process.pid}-*") if p.stat().st_size > 0]
-        if started:
-            return started[0]
+        for folder in models.glob(f"{STAGING_PREFIX}{process.pid}-*"):
+            if any(p.is_file() and p.stat().st_size > 0 for p in folder.rglob("*")):
+                return folder
         time.sleep(0.05)
     process.kill()
     pytest.fail(f"the download never started: {process.communicate(timeout=30)}")
 
 
-def test_a_download_killed_half_way_leaves_a_file_that_the_next_fetch_removes(
+def test_a_download_killed_half_way_leaves_a_folder_that_the_next_fetch_removes(
     s3_server: MotoS3Server, s3: object, tmp_path: Path
 ) -> None:
     cache = tmp_path / "cache"
@@ -451,18 +502,18 @@ def test_a_download_killed_half_way_leaves_a_file_that_the_next_fetch_removes(
             [sys.executable, "-c", SLOW_FETCH, str(cache), DEMO_KEY, slow_s3.endpoint],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
-        partial = wait_for_partial_download(process, cache / "archives")
+        partial = wait_for_partial_extraction(process, cache / "models")
         process.kill()  # SIGKILL, as Lambda ends a timed-out invocation
         process.communicate(timeout=30)
-    assert partial.stat().st_size > 0
+    assert partial.is_dir()
 
-    ModelStore(cache, s3_client=_no_s3).fetch(small_archive(tmp_path), in_a_minute())
+    ModelStore(cache, s3=_no_s3).fetch(small_archive(tmp_path), in_a_minute())
 
     assert not partial.exists()
 
 
-# Make a scratch entry named as the store names its own (a file under
-# archives/, a folder under models/), print its path and wait for stdin to close.
+# Make a scratch entry named as the store names its own (a folder under
+# models/, or a file), print its path and wait for stdin to close.
 SCRATCH_OWNER = """
 import sys, tempfile
 from pathlib import Path
@@ -494,9 +545,7 @@ def end(process: subprocess.Popen[str]) -> None:
     process.communicate(timeout=30)
 
 
-@pytest.mark.parametrize(
-    ("folder", "prefix", "kind"), [("archives", PARTIAL_PREFIX, "file"), ("models", STAGING_PREFIX, "folder")]
-)
+@pytest.mark.parametrize(("folder", "prefix", "kind"), [("models", STAGING_PREFIX, "folder")])
 @pytest.mark.parametrize("start", ["fetch", "check_room"])
 def test_leftovers_of_dead_processes_go_and_those_of_live_ones_stay(
     tmp_path: Path, folder: str, prefix: str, kind: str, start: str
@@ -505,7 +554,7 @@ def test_leftovers_of_dead_processes_go_and_those_of_live_ones_stay(
     dead, dead_entry = scratch_owner(cache / folder, prefix, kind)
     end(dead)
     live, live_entry = scratch_owner(cache / folder, prefix, kind)
-    store = ModelStore(cache, s3_client=_no_s3)
+    store = ModelStore(cache, s3=_no_s3)
     try:
         if start == "fetch":
             store.fetch(small_archive(tmp_path), in_a_minute())
@@ -524,7 +573,7 @@ def test_current_version_gives_the_version_fetch_gets_and_the_archive_size(
 ) -> None:
     archive = tar_gz({"model.pt": b"weights", "classes.txt": _classes()})
     put(s3, "versions/model.tar.gz", archive)
-    store = ModelStore(tmp_path / "cache", s3_client=moto_client)
+    store = ModelStore(tmp_path / "cache", s3=S3Reader.from_environment)
     in_s3 = S3Archive(MODEL_BUCKET, "versions/model.tar.gz")
     local = small_archive(tmp_path)
 
@@ -546,7 +595,7 @@ from pathlib import Path
 from chalicelib.errors import ModelUnavailable
 from chalicelib.model_store import ModelStore
 
-store = ModelStore(Path(sys.argv[1]) / "cache", s3_client=None)
+store = ModelStore(Path(sys.argv[1]) / "cache")
 outcomes = []
 for needed in map(int, sys.argv[2:]):
     try:
@@ -582,7 +631,7 @@ SLACK_S = 5.0
 @pytest.mark.parametrize("call", ["fetch", "current_version"])
 def test_a_silent_s3_is_a_503_at_the_deadline(tmp_path: Path, call: str) -> None:
     with SilentServer() as silent:
-        store = ModelStore(tmp_path / "cache", s3_client=client_of(silent.endpoint))
+        store = ModelStore(tmp_path / "cache", s3=lambda: reader_of(silent.endpoint))
         started = time.monotonic()
         with pytest.raises(ModelUnavailable, match=r"did not finish within 3 s \(MODEL_LOAD_DEADLINE\)"):
             getattr(store, call)(S3Archive(MODEL_BUCKET, DEMO_KEY), started + DEADLINE_S)
@@ -592,11 +641,23 @@ def test_a_silent_s3_is_a_503_at_the_deadline(tmp_path: Path, call: str) -> None
     assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
 
 
+def test_an_s3_that_refuses_connections_is_a_503_that_says_so_not_a_deadline(tmp_path: Path) -> None:
+    """urllib3 makes a refused connection a kind of ConnectTimeoutError: it was reported as the
+    deadline passing, within a second."""
+    store = ModelStore(tmp_path / "cache", s3=lambda: reader_of(f"http://127.0.0.1:{free_port()}"))
+
+    with pytest.raises(ModelUnavailable) as refused:
+        store.fetch(S3Archive(MODEL_BUCKET, DEMO_KEY), time.monotonic() + DEADLINE_S)
+
+    assert "could not be downloaded from S3 (NewConnectionError)" in str(refused.value)
+    assert "MODEL_LOAD_DEADLINE" not in str(refused.value)
+
+
 def test_a_slow_download_stops_at_the_deadline_and_leaves_no_partial_file(
     s3_server: MotoS3Server, s3: object, tmp_path: Path
 ) -> None:
     with ThrottlingProxy(s3_server.endpoint, bytes_per_second=MIB) as slow_s3:
-        store = ModelStore(tmp_path / "cache", s3_client=client_of(slow_s3.endpoint))
+        store = ModelStore(tmp_path / "cache", s3=lambda: reader_of(slow_s3.endpoint))
         started = time.monotonic()
         with pytest.raises(
             ModelUnavailable, match=r"MODEL_LOAD_DEADLINE\): it was still downloading the archive"
@@ -609,7 +670,7 @@ def test_a_slow_download_stops_at_the_deadline_and_leaves_no_partial_file(
 
 
 def test_extraction_stops_at_the_deadline_and_leaves_nothing_half_done(tmp_path: Path) -> None:
-    store = ModelStore(tmp_path / "cache", s3_client=_no_s3)
+    store = ModelStore(tmp_path / "cache", s3=_no_s3)
 
     with pytest.raises(ModelUnavailable, match=r"MODEL_LOAD_DEADLINE\): it was still extracting the archive"):
         store.fetch(LocalArchive(DEMO_ARCHIVE), time.monotonic())
