@@ -18,11 +18,13 @@ import importlib
 import importlib.util
 from pathlib import Path
 from types import ModuleType
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from chalicelib.errors import ModelUnavailable, TorchUnavailable, first_line
-from chalicelib.model_store import ModelFiles
-from chalicelib.prediction import Classifier
+
+if TYPE_CHECKING:
+    from chalicelib.model_store import ModelFiles
+    from chalicelib.prediction import Classifier
 
 Backend = Literal["torch", "onnx"]
 BACKEND_SETTINGS = ("auto", "torch", "onnx")
@@ -38,6 +40,13 @@ def expected_backend(setting: str) -> Backend:
     if setting == "torch" or (setting == "auto" and not onnxruntime_installed()):
         return "torch"
     return "onnx"
+
+
+def model_formats(setting: str) -> tuple[str, ...]:
+    """The model files worth extracting under MODEL_BACKEND, best first (see model_store.MODEL_FORMATS)."""
+    if setting == "torch" or (setting == "auto" and not onnxruntime_installed()):
+        return ("torchscript",)
+    return ("onnx",) if setting == "onnx" else ("onnx", "torchscript")
 
 
 def choose_backend(setting: str, files: ModelFiles) -> Backend:

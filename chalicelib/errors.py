@@ -70,10 +70,10 @@ class ConfigurationError(ClassifierError, RuntimeError):
 
 
 class InternalError(ClassifierError, RuntimeError):
-    """A bug of ours, met by one item of a batch: the others still get their answers.
+    """A bug of ours, met while handling one input or loading the model.
 
-    A single request that meets one gets Chalice's own 500, and the traceback
-    goes to the log with the request id, never to the client.
+    The traceback goes to the log with the request id, never to the client;
+    in a batch the other inputs still get their answers.
     """
 
     STATUS_CODE = 500

@@ -54,24 +54,13 @@ from urllib3.response import BaseHTTPResponse
 from urllib3.util.ssl_match_hostname import CertificateError
 
 from chalicelib.errors import ImageTooLarge, InvalidURL, UpstreamError, UpstreamTimeout
+from chalicelib.settings import FetchLimits
 from chalicelib.url_policy import IPAddress, Resolver, Target, UrlPolicy, port_or_default, resolve_host
 
 MAX_REDIRECTS = 3
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 READ_SIZE = 64 * 1024
 USER_AGENT = "chalice-classifier/1.0 (+image classification)"
-
-
-@dataclass(frozen=True)
-class FetchLimits:
-    """How long and how much the service will read from an image host."""
-
-    connect_timeout: float = 3.0
-    read_timeout: float = 5.0
-    # One budget for the whole download, redirects included; well under API
-    # Gateway's 29 s so the caller gets our 504, not the gateway's.
-    deadline: float = 10.0
-    max_bytes: int = 10 * 1024 * 1024
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,12 @@
 """The loaded model, one per container: loaded once, within a deadline, and refreshed safely.
 
 The archive is downloaded and loaded on first use, for the life of the
-process (the Lambda container). The first requests to arrive on a cold
-container may race; a lock makes the first one load and the others wait for
-its result, each no longer than its own deadline, instead of downloading the
-archive again. A failed load is not cached: the next request tries again, so
-a model published late still comes up.
+process (the Lambda container), in a thread of its own: a cold request calls
+``prepare`` first and fetches its image while the model loads, then waits
+for it with ``model``. The first requests to arrive on a cold container share
+that one load, each waiting no longer than its own deadline, instead of
+downloading the archive again. A failed load is not cached: the next request
+tries again, so a model published late still comes up.
 
 With ``MODEL_REFRESH_SECONDS`` a request that finds a check due starts one in
 the background: a new version is fetched beside the old model (if the cache
@@ -21,21 +22,24 @@ holder, never a second copy of the model.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from contextvars import copy_context
 from dataclasses import dataclass
 from datetime import UTC, datetime
-
-import boto3
-from botocore.config import Config
+from typing import TYPE_CHECKING
 
 from chalicelib import backends
-from chalicelib.errors import ClassifierError, ModelUnavailable
-from chalicelib.imaging import Preprocessing
-from chalicelib.model_store import ArchiveVersion, ModelFiles, ModelStore, S3Client
-from chalicelib.prediction import Classifier
+from chalicelib.errors import ClassifierError, InternalError, ModelUnavailable
+from chalicelib.model_store import ArchiveVersion, ModelFiles, ModelStore
 from chalicelib.settings import ModelSettings
+
+if TYPE_CHECKING:
+    from chalicelib.imaging import Preprocessing
+    from chalicelib.prediction import Classifier
 
 logger = logging.getLogger(__name__)
 
@@ -51,8 +55,9 @@ class LoadedModel:
 class ModelHolder:
     def __init__(self, settings: ModelSettings) -> None:
         self.settings = settings
-        self._store = ModelStore(settings.cache_dir, s3_client=_s3_client)
-        self._load_lock = threading.Lock()
+        self._store = ModelStore(settings.cache_dir)
+        self._loading_lock = threading.Lock()
+        self._loading: Future[LoadedModel] | None = None
         self._refresh_lock = threading.Lock()
         self._model: LoadedModel | None = None
         self._failed_version: str | None = None
@@ -62,31 +67,81 @@ class ModelHolder:
     def loaded(self) -> bool:
         return self._model is not None
 
+    def prepare(self) -> None:
+        """Start loading the model in the background unless it is loaded or loading already."""
+        if self._model is None:
+            self._current_load()
+
     def model(self) -> LoadedModel:
         """The loaded model; loads it on first use, and starts a refresh check when one is due."""
         model = self._model
         if model is None:
-            return self._load_once(deadline=self._deadline())
+            return self._wait(self._current_load(), deadline=self._deadline())
         if self._refresh_due():
             self._start_refresh()
         return model
 
+    def check_on_next_request(self) -> None:
+        """With MODEL_REFRESH_SECONDS, make the next request check S3 for a newer version.
+
+        For a sandbox restored from a SnapStart snapshot: the snapshot may
+        have been cached for longer than the refresh interval.
+        """
+        self._last_check = -math.inf
+
     def _deadline(self) -> float:
         return time.monotonic() + self.settings.load_deadline
 
-    def _load_once(self, deadline: float) -> LoadedModel:
-        if not self._load_lock.acquire(timeout=max(deadline - time.monotonic(), 0)):
-            raise ModelUnavailable(
-                f"The model is still being loaded for another request and did not finish within "
-                f"{self.settings.load_deadline:g} s (MODEL_LOAD_DEADLINE); retry shortly."
-            )
+    def _current_load(self) -> Future[LoadedModel]:
+        """The load in progress, or a new one started in a thread of its own."""
+        with self._loading_lock:
+            if self._model is not None:  # loaded since the caller looked
+                done: Future[LoadedModel] = Future()
+                done.set_result(self._model)
+                return done
+            if self._loading is None:
+                self._loading = Future()
+                # The copied context keeps the starting request's id on the load's log lines.
+                threading.Thread(
+                    target=copy_context().run,
+                    args=(self._load_into, self._loading, self._deadline()),
+                    name="model-load",
+                    daemon=True,
+                ).start()
+            return self._loading
+
+    def _load_into(self, loading: Future[LoadedModel], deadline: float) -> None:
         try:
-            if self._model is None:
-                self._model = self._load(deadline)
+            model = self._load(deadline)
+        except Exception as error:
+            if not isinstance(error, ClassifierError):
+                logger.exception("loading the model failed unexpectedly")
+            with self._loading_lock:
+                self._loading = None  # the next request tries again
+            loading.set_exception(error)
+        else:
+            with self._loading_lock:
+                self._model = model
                 self._last_check = time.monotonic()
-            return self._model
-        finally:
-            self._load_lock.release()
+                self._loading = None
+            loading.set_result(model)
+
+    def _wait(self, loading: Future[LoadedModel], deadline: float) -> LoadedModel:
+        try:
+            return loading.result(timeout=max(deadline - time.monotonic(), 0))
+        except FutureTimeout:
+            raise ModelUnavailable(
+                f"The model is still being loaded and did not finish within "
+                f"{self.settings.load_deadline:g} s (MODEL_LOAD_DEADLINE); retry shortly."
+            ) from None
+        except ClassifierError as error:
+            # A copy per waiter: one exception raised in several threads would
+            # share (and keep growing) one traceback.
+            raise type(error)(str(error)) from None
+        except Exception:
+            raise InternalError(
+                "The model could not be loaded because of an error in the service; it has been logged."
+            ) from None
 
     def _refresh_due(self) -> bool:
         interval = self.settings.refresh_seconds
@@ -140,7 +195,11 @@ class ModelHolder:
         setting = self.settings.backend
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="import-backend") as pool:
             pool.submit(backends.import_backend, backends.expected_backend(setting))
-            files = self._store.fetch(self.settings.location, deadline)
+            files = self._store.fetch(self.settings.location, deadline, backends.model_formats(setting))
+        # Here, not at the top: this module is imported before numpy and
+        # Pillow, so that a cold start's download begins without them.
+        from chalicelib.imaging import Preprocessing  # noqa: PLC0415
+
         try:
             preprocessing = Preprocessing.from_manifest(files.manifest)
             backend = backends.choose_backend(setting, files)
@@ -153,10 +212,3 @@ class ModelHolder:
         return LoadedModel(
             classifier=classifier, preprocessing=preprocessing, files=files, loaded_at=datetime.now(UTC)
         )
-
-
-def _s3_client(config: Config) -> S3Client:
-    # boto3 honours AWS_ENDPOINT_URL_S3 itself, so moto or another S3-compatible
-    # store needs no code here. ModelStore sets the timeouts and retries, from
-    # the time left before MODEL_LOAD_DEADLINE.
-    return boto3.client("s3", config=config)

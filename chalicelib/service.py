@@ -1,16 +1,15 @@
 """The request path, wired together: URL -> image bytes -> input -> prediction.
 
-One ``ClassificationService`` exists per distinct ``Settings``, built on
-first use (never at import), around the ``ModelHolder`` for the settings the
-model depends on; the holder keeps the loaded model for the life of the
-process (see model_holder).
+One ``ClassificationService`` exists per distinct ``Settings`` (see
+``current``), around the ``ModelHolder`` for the settings the model depends
+on; the holder keeps the loaded model for the life of the process (see
+model_holder). This module imports numpy, Pillow and urllib3, so it is
+imported on the first request, never with ``app.py``.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -23,11 +22,11 @@ import numpy as np
 from chalicelib import observability
 from chalicelib.budgets import MemoryBudget, PixelAllowance
 from chalicelib.decoding import EncodedImage, decode, decoding_bytes, open_image, plan_shrink
-from chalicelib.errors import ClassifierError, ConfigurationError, InternalError, InvalidRequest
+from chalicelib.errors import ClassifierError, InternalError, InvalidRequest
 from chalicelib.fetch import ImageFetcher
 from chalicelib.imaging import Preprocessing, to_model_input
 from chalicelib.model_holder import ModelHolder
-from chalicelib.payload import BodyLimits, ImageInput, Invocation
+from chalicelib.payload import ImageInput, Invocation
 from chalicelib.prediction import Prediction
 from chalicelib.settings import Settings
 
@@ -55,12 +54,14 @@ class ClassificationService:
         self._fetcher = ImageFetcher(settings.fetch, settings.url_policy)
         self._decode_budget = MemoryBudget(settings.max_decode_bytes)
 
-    @property
-    def body_limits(self) -> BodyLimits:
-        return self.settings.body
-
     def classify(self, invocation: Invocation) -> list[Outcome]:
         """Top-k predictions per input, in input order.
+
+        On a cold container the model loads in the background while the
+        inputs are fetched and their headers read; an input's error waits
+        for the load too, so a broken model is reported first (as a 503) and
+        no load is left running once the response is sent (Lambda freezes a
+        container between requests).
 
         A single input's error is raised, so it becomes the response. In a
         batch each input fails on its own and its error takes its place: the
@@ -69,6 +70,8 @@ class ClassificationService:
         decoded side by side as far as the decoding memory budget allows, and
         classified in one forward pass.
         """
+        self.models.prepare()
+        opened = self._open_all(invocation)
         model = self.models.model()
         top_k = invocation.top_k or 1
         if top_k > len(model.classifier.classes):
@@ -81,26 +84,16 @@ class ClassificationService:
             items=len(invocation.inputs),
             model_version=model.files.version,
         )
-        deadline = time.monotonic() + self.settings.fetch.deadline
-        allowance = PixelAllowance(self.settings.max_request_pixels)
-
-        def fetch(item: ImageInput) -> _Fetched:
-            return _Fetched(self._fetch(item, deadline), item.source)
-
-        def open_header(fetched: _Fetched) -> EncodedImage:
-            return self._open(fetched, allowance, model.preprocessing)
 
         def decode_input(image: EncodedImage) -> np.ndarray:
             return self._decode(image, model.preprocessing)
 
         if not invocation.batch:
-            prepared: list[np.ndarray | ClassifierError] = [
-                decode_input(open_header(fetch(invocation.inputs[0])))
-            ]
+            if isinstance(opened[0], ClassifierError):
+                raise opened[0]
+            prepared: list[np.ndarray | ClassifierError] = [decode_input(opened[0])]
         else:
-            with ThreadPoolExecutor(max_workers=len(invocation.inputs), thread_name_prefix="prepare") as pool:
-                fetched = _each_item(pool, fetch, invocation.inputs)
-                opened = [_item_outcome(open_header, data) for data in fetched]
+            with ThreadPoolExecutor(max_workers=len(opened), thread_name_prefix="decode") as pool:
                 prepared = _each_item(pool, decode_input, opened)
         arrays = [item for item in prepared if isinstance(item, np.ndarray)]
         with observability.timer("inference_ms"):
@@ -112,6 +105,26 @@ class ClassificationService:
             for item in prepared
         ]
 
+    def _open_all(self, invocation: Invocation) -> list[EncodedImage | ClassifierError]:
+        """Each input fetched and its header read, or its error; a batch's fetches run side by side."""
+        deadline = time.monotonic() + self.settings.fetch.deadline
+        allowance = PixelAllowance(self.settings.max_request_pixels)
+
+        def fetch(item: ImageInput) -> _Fetched:
+            return _Fetched(self._fetch(item, deadline), item.source)
+
+        def open_header(fetched: _Fetched) -> EncodedImage:
+            image = open_image(fetched.data, max_pixels=self.settings.max_image_pixels, source=fetched.source)
+            allowance.spend(image.pixels)
+            return image
+
+        if not invocation.batch:
+            return [_item_outcome(open_header, _item_outcome(fetch, invocation.inputs[0]))]
+        with ThreadPoolExecutor(max_workers=len(invocation.inputs), thread_name_prefix="fetch") as pool:
+            fetched = _each_item(pool, fetch, invocation.inputs)
+        # In input order, so which inputs the pixel allowance admits does not depend on timing.
+        return [_item_outcome(open_header, item) for item in fetched]
+
     def _fetch(self, item: ImageInput, deadline: float) -> bytes:
         if item.data is not None:
             data = item.data
@@ -121,15 +134,8 @@ class ClassificationService:
         observability.count("image_bytes", len(data))
         return data
 
-    def _open(
-        self, fetched: _Fetched, allowance: PixelAllowance, preprocessing: Preprocessing
-    ) -> EncodedImage:
-        image = open_image(fetched.data, max_pixels=self.settings.max_image_pixels, source=fetched.source)
-        allowance.spend(image.pixels)
-        plan_shrink(image, preprocessing.resize)
-        return image
-
     def _decode(self, image: EncodedImage, preprocessing: Preprocessing) -> np.ndarray:
+        plan_shrink(image, preprocessing.resize)
         with self._decode_budget.reserve(decoding_bytes(image)), observability.timer("decode_ms"):
             return to_model_input(decode(image, preprocessing.resize), preprocessing)
 
@@ -150,7 +156,7 @@ def _each_item(
 def _item_outcome(
     function: Callable[[Item], Result], item: Item | ClassifierError
 ) -> Result | ClassifierError:
-    """One batch item's result or its error: in a batch nothing one item does may fail the others."""
+    """One input's result or its error: in a batch nothing one item does may fail the others."""
     if isinstance(item, ClassifierError):
         return item
     try:
@@ -161,48 +167,7 @@ def _item_outcome(
         # garbage collector would break, long after the request.
         return type(error)(str(error))
     except Exception:
-        logger.exception("a batch item failed unexpectedly")
+        logger.exception("an input failed unexpectedly")
         return InternalError(
-            "This item could not be processed because of an error in the service; it has been logged."
+            "This input could not be processed because of an error in the service; it has been logged."
         )
-
-
-class _ServiceCache:
-    """The service for the current settings, around the model holder for the current model settings.
-
-    A new environment gets a new service, which is cheap; only a change the
-    model depends on gets a new holder, and so loads the model again.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._service: ClassificationService | None = None
-
-    def get(self, settings: Settings) -> ClassificationService:
-        with self._lock:
-            service = self._service
-            if service is None or service.settings != settings:
-                holder = service.models if service and service.models.settings == settings.model else None
-                service = ClassificationService(settings, holder or ModelHolder(settings.model))
-                self._service = service
-            return service
-
-
-_services = _ServiceCache()
-
-
-def get_service() -> ClassificationService:
-    """The service for the current environment, built on first use (never at import)."""
-    return _services.get(Settings.from_environ(os.environ))
-
-
-def settings_or_none() -> Settings | None:
-    """The current settings, or None while the configuration is broken.
-
-    For the per-request middleware: it must still log and answer with CORS
-    headers when the view is about to report the broken configuration.
-    """
-    try:
-        return Settings.from_environ(os.environ)
-    except ConfigurationError:
-        return None

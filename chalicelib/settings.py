@@ -21,8 +21,7 @@ from typing import TypeVar
 from chalicelib.backends import BACKEND_SETTINGS
 from chalicelib.cors import CorsPolicy
 from chalicelib.errors import ConfigurationError
-from chalicelib.fetch import FetchLimits
-from chalicelib.model_store import ArchiveLocation, LocalArchive, S3Archive
+from chalicelib.locations import ArchiveLocation, LocalArchive, S3Archive
 from chalicelib.observability import DEFAULT_LOG_LEVEL, LOG_LEVELS
 from chalicelib.payload import DEFAULT_MAX_BATCH, DEFAULT_MAX_BODY_BYTES, BodyLimits
 from chalicelib.url_policy import DEFAULT_PORTS, UrlPolicy
@@ -36,6 +35,18 @@ DEFAULT_MAX_DECODE_BYTES = 640 * 1024 * 1024
 # Seconds for downloading and extracting the model; what is left of API
 # Gateway's 29 s goes to loading it into its backend and answering.
 DEFAULT_MODEL_LOAD_DEADLINE = 20.0
+
+
+@dataclass(frozen=True)
+class FetchLimits:
+    """How long and how much the service will read from an image host."""
+
+    connect_timeout: float = 3.0
+    read_timeout: float = 5.0
+    # One budget for the whole download, redirects included; well under API
+    # Gateway's 29 s so the caller gets our 504, not the gateway's.
+    deadline: float = 10.0
+    max_bytes: int = 10 * 1024 * 1024
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,8 @@ from collections.abc import Iterator
 import pytest
 
 from chalicelib.errors import ImageTooLarge, InvalidURL, UpstreamError, UpstreamTimeout
-from chalicelib.fetch import FetchLimits, ImageFetcher
+from chalicelib.fetch import ImageFetcher
+from chalicelib.settings import FetchLimits
 from chalicelib.url_policy import IPAddress, Resolver, UrlPolicy
 from tests.support.http_server import (
     CertificateAuthority,

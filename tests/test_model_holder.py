@@ -1,5 +1,6 @@
-"""The model per container: one load within a deadline, reused across settings it does not depend
-on, and a refresh that neither retries a broken version nor fills /tmp."""
+"""The model per container: one load within a deadline, beside the cold request's own work, reused
+across settings it does not depend on, and a refresh that neither retries a broken version nor fills
+/tmp."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import os
 import threading
 import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
@@ -17,9 +19,9 @@ from chalicelib.model_holder import ModelHolder
 from chalicelib.settings import Settings
 from tests.conftest import DEMO_KEY, MODEL_BUCKET
 from tests.support.api import classify, error_of
-from tests.support.http_server import RoutedHTTPServer
+from tests.support.http_server import RoutedHTTPServer, serve_bytes
 from tests.support.s3 import MotoS3Server
-from tests.support.slow_network import SilentServer
+from tests.support.slow_network import GatedProxy, SilentServer
 
 REFRESH_KEY = "holder/model.tar.gz"
 # The deadline tests allow this much beyond the deadline before they fail: the
@@ -99,3 +101,54 @@ def test_settings_the_model_does_not_depend_on_do_not_load_it_again(
 
     assert client.http.get("/model").json_body["loaded_at"] == loaded_at
     assert s3_server.log.count("GET", f"/{MODEL_BUCKET}/{DEMO_KEY}") == downloads
+
+
+@pytest.mark.usefixtures("s3", "cache_dir")
+def test_a_cold_request_fetches_its_image_while_the_model_downloads(
+    client: Client, s3_server: MotoS3Server, photos: dict[str, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The model used to load first and the image to wait for it; now S3 is held back until the
+    image host has been asked, which only a request that overlaps the two gets past in time."""
+    image_asked = threading.Event()
+
+    def image(handler: BaseHTTPRequestHandler) -> None:
+        image_asked.set()
+        serve_bytes(photos["chelsea"])(handler)
+
+    with RoutedHTTPServer() as host, GatedProxy(s3_server.endpoint, image_asked, patience=10) as held_s3:
+        host.routes["/cat.jpg"] = image
+        monkeypatch.setenv("AWS_ENDPOINT_URL_S3", held_s3.endpoint)
+        monkeypatch.setenv("MODEL_BUCKET", MODEL_BUCKET)
+        monkeypatch.setenv("MODEL_KEY", DEMO_KEY)
+        response = classify(client, host.url("/cat.jpg"))
+
+    assert response.status_code == 200, response.body
+    assert held_s3.opened == [True]
+
+
+@pytest.mark.usefixtures("s3", "cache_dir")
+def test_a_broken_model_is_reported_before_a_bad_image(
+    client: Client, image_server: RoutedHTTPServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MODEL_BUCKET", MODEL_BUCKET)
+    monkeypatch.setenv("MODEL_KEY", "no/such/model.tar.gz")
+
+    status, code, message = error_of(classify(client, image_server.url("/no-such-image.jpg")))
+
+    assert (status, code) == (503, "ModelUnavailable")
+    assert "NoSuchKey" in message
+
+
+@pytest.mark.usefixtures("s3", "cache_dir")
+def test_a_cold_request_with_a_bad_image_answers_once_the_model_is_loaded(
+    client: Client, image_server: RoutedHTTPServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Lambda freezes a container once it has answered: a load left running would stall until the
+    next request, and could pass its deadline in the meantime."""
+    monkeypatch.setenv("MODEL_BUCKET", MODEL_BUCKET)
+    monkeypatch.setenv("MODEL_KEY", DEMO_KEY)
+
+    status, _, _ = error_of(classify(client, image_server.url("/no-such-image.jpg")))
+
+    assert status == 502
+    assert client.http.get("/ping").json_body["model_loaded"] is True

@@ -7,9 +7,14 @@ from pathlib import Path
 import pytest
 
 from chalicelib.errors import ConfigurationError
-from chalicelib.fetch import FetchLimits
 from chalicelib.model_store import LocalArchive, S3Archive
-from chalicelib.settings import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MODEL_LOAD_DEADLINE, DEMO_ARCHIVE, Settings
+from chalicelib.settings import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    DEFAULT_MODEL_LOAD_DEADLINE,
+    DEMO_ARCHIVE,
+    FetchLimits,
+    Settings,
+)
 
 
 def test_empty_environment_gives_the_demo_model_and_defaults() -> None:

@@ -23,8 +23,8 @@ def error_of(response: Any) -> tuple[int, str, str]:
 
 def label_of(url: str) -> str:
     """Classify straight through the service, as the routes do, for tests that need no HTTP."""
+    from chalicelib.current import get_service
     from chalicelib.payload import ImageInput, Invocation
-    from chalicelib.service import get_service
 
     outcome = get_service().classify(Invocation(inputs=(ImageInput(url=url),), batch=False, top_k=None))[0]
     assert outcome.predictions is not None

@@ -1,9 +1,11 @@
-"""A slow or silent S3 on loopback, for deadline tests.
+"""A slow, silent or held-back S3 on loopback, for deadline and ordering tests.
 
 ``ThrottlingProxy`` sits in front of the real (moto) S3 and passes its
-answers on at a fixed rate, as a congested network would. ``SilentServer``
-accepts connections and never answers, as a black-holed endpoint does.
-Both listen on 127.0.0.1 only and stop their threads on exit.
+answers on at a fixed rate, as a congested network would. ``GatedProxy``
+holds each connection until a test's event is set, to show what else ran
+while a download waited. ``SilentServer`` accepts connections and never
+answers, as a black-holed endpoint does. All listen on 127.0.0.1 only and
+stop their threads on exit.
 """
 
 from __future__ import annotations
@@ -67,14 +69,15 @@ class SilentServer(_Listener):
                 pass
 
 
-class ThrottlingProxy(_Listener):
-    """Forwards to ``upstream`` at once and sends its answers back at ``bytes_per_second``."""
+class _Forwarder(_Listener):
+    """Relays each connection to ``upstream``, the answers paced by ``_pause`` seconds per piece."""
 
-    def __init__(self, upstream: str, bytes_per_second: int) -> None:
+    _pause = 0.0
+
+    def __init__(self, upstream: str) -> None:
         super().__init__()
         parts = urlsplit(upstream)
         self._upstream = (parts.hostname or "127.0.0.1", parts.port or 80)
-        self._pause = PIECE_BYTES / bytes_per_second
 
     def _serve(self, connection: socket.socket) -> None:
         with contextlib.suppress(OSError), socket.create_connection(self._upstream) as upstream:
@@ -87,3 +90,28 @@ class ThrottlingProxy(_Listener):
                 sink.sendall(piece)
                 time.sleep(pause)
             sink.shutdown(socket.SHUT_WR)
+
+
+class ThrottlingProxy(_Forwarder):
+    """Forwards to ``upstream`` at once and sends its answers back at ``bytes_per_second``."""
+
+    def __init__(self, upstream: str, bytes_per_second: int) -> None:
+        super().__init__(upstream)
+        self._pause = PIECE_BYTES / bytes_per_second
+
+
+class GatedProxy(_Forwarder):
+    """Forwards each connection to ``upstream`` once ``gate`` is set, or after ``patience`` seconds.
+
+    ``opened`` records, per connection, whether the gate was set in time.
+    """
+
+    def __init__(self, upstream: str, gate: threading.Event, patience: float) -> None:
+        super().__init__(upstream)
+        self._gate = gate
+        self._patience = patience
+        self.opened: list[bool] = []
+
+    def _serve(self, connection: socket.socket) -> None:
+        self.opened.append(self._gate.wait(self._patience))
+        super()._serve(connection)

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import io
+import tarfile
 from pathlib import Path
 
 import pytest
 import torch
 
 from chalicelib.backends import Backend
+from chalicelib.current import get_service
 from chalicelib.errors import ModelUnavailable
-from chalicelib.service import get_service
 from tests.conftest import MODEL_BUCKET
 from tests.support.api import label_of
 from tests.support.archives import (
@@ -169,8 +171,11 @@ def test_onnx_flag_publishes_both_formats_and_the_service_runs_onnx(
     assert "agree within" in printed
     assert "4 photos" in printed  # scikit-image's three and the --check-image
     assert label_of(blue_image_url) == "blue"
-    files = get_service().models.model().files
-    assert (files.torchscript_path.name, files.onnx_path.name) == ("model.pt", "model.onnx")  # type: ignore[union-attr]
+    published = s3.get_object(Bucket=MODEL_BUCKET, Key=key)["Body"].read()  # type: ignore[attr-defined]
+    with tarfile.open(fileobj=io.BytesIO(published)) as archive:
+        # The ONNX container reads the manifest and the ONNX model first, and stops there.
+        assert archive.getnames() == ["manifest.json", "classes.txt", "model.onnx", "model.pt"]
+    assert get_service().models.model().files.onnx_path.name == "model.onnx"  # type: ignore[union-attr]
     assert get_service().models.model().classifier.backend == "onnx"
 
 
