@@ -2,24 +2,32 @@
 
 Errors are typed exceptions from chalicelib that already carry their HTTP
 status (see chalicelib/errors.py), so the views hold no try/except. Importing
-this module does no I/O: the model loads on the first request that needs it.
+this module does no I/O and stays light (no numpy, Pillow, urllib3 or model
+runtime): the model loads on the first request that needs it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from chalice import Chalice, Response
 from chalice.app import Request
 
-from chalicelib import demo_page, observability
-from chalicelib.model_holder import LoadedModel
+from chalicelib import demo_page, observability, snapstart
+from chalicelib.current import get_holder, get_service, get_settings, settings_or_none
 from chalicelib.payload import IMAGE_TYPES, JSON_TYPE, parse_invocation
-from chalicelib.service import Outcome, get_service, settings_or_none
+
+if TYPE_CHECKING:  # the model and the service are imported by the first request (see chalicelib.current)
+    from chalicelib.model_holder import LoadedModel
+    from chalicelib.service import Outcome
 
 # configure_logs=False: logging is set up once, per request, by observability.
 app = Chalice(app_name="chalice-classifier", configure_logs=False)
 app.api.binary_types.extend(t for t in IMAGE_TYPES if t not in app.api.binary_types)
+# With SnapStart the model loads and warms before the snapshot, and each restored
+# copy gets connections of its own; nothing happens outside Lambda's runtime.
+snapstart.register_hooks()
 
 
 @app.middleware("http")
@@ -63,11 +71,10 @@ def index() -> Response:
 @app.route("/invocations", methods=["POST"], content_types=[JSON_TYPE, *IMAGE_TYPES])
 def invocations() -> dict[str, object]:
     request = app.current_request
-    service = get_service()
     invocation = parse_invocation(
-        request.raw_body, request.headers.get("content-type", ""), request.query_params, service.body_limits
+        request.raw_body, request.headers.get("content-type", ""), request.query_params, get_settings().body
     )
-    outcomes = service.classify(invocation)
+    outcomes = get_service().classify(invocation)
     if not invocation.batch:
         return _prediction(outcomes[0], with_top_k=invocation.top_k is not None)
     return {"predictions": [_prediction(o, with_top_k=invocation.top_k is not None) for o in outcomes]}
@@ -76,7 +83,7 @@ def invocations() -> dict[str, object]:
 @app.route("/ping", methods=["GET"])
 def ping() -> dict[str, object]:
     """SageMaker-style health check: cheap; ``?deep=1`` loads the model if it has to."""
-    models = get_service().models
+    models = get_holder()
     if (app.current_request.query_params or {}).get("deep") in ("1", "true"):
         models.model()
     return {"status": "ok", "model_loaded": models.loaded}
@@ -84,7 +91,7 @@ def ping() -> dict[str, object]:
 
 @app.route("/model", methods=["GET"])
 def model() -> dict[str, object]:
-    return _model_info(get_service().models.model())
+    return _model_info(get_holder().model())
 
 
 def _prediction(outcome: Outcome, *, with_top_k: bool) -> dict[str, object]:

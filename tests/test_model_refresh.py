@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from chalice.test import Client
 
+from chalicelib.current import get_holder
 from tests.conftest import MODEL_BUCKET
 from tests.support.api import classify
 from tests.support.archives import fastai_archive, solid_png
@@ -155,3 +156,23 @@ def test_a_refresh_without_room_for_the_new_version_keeps_the_old_one(
     assert result["serving"] == result["first"]
     assert any("MODEL_CACHE_DIR" in warning and "free" in warning for warning in result["warnings"]), result
     assert s3_server.log.count("GET", f"/{MODEL_BUCKET}/roomless/model.tar.gz") == 1  # never the new one
+
+
+def test_a_holder_told_to_check_on_the_next_request_does_so_before_the_interval(
+    client: Client,
+    refreshing: object,
+    green_url: str,
+    s3_server: MotoS3Server,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """What a SnapStart copy's after-restore hook asks: its snapshot may be older than the interval."""
+    monkeypatch.setenv("MODEL_REFRESH_SECONDS", "3600")
+    classify(client, green_url)
+    checks = s3_server.log.count("HEAD", f"/{MODEL_BUCKET}/{KEY}")
+    classify(client, green_url)
+    assert s3_server.log.count("HEAD", f"/{MODEL_BUCKET}/{KEY}") == checks  # not due yet
+
+    get_holder().check_on_next_request()  # the test stage adds no variables: the same holder
+    classify(client, green_url)
+
+    assert until(lambda: s3_server.log.count("HEAD", f"/{MODEL_BUCKET}/{KEY}") == checks + 1)
