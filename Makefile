@@ -16,8 +16,8 @@ PORT ?= 8000
 # A failed step (the glibc gate above all) must not leave a target that looks built.
 .DELETE_ON_ERROR:
 
-.PHONY: serve test model package package-onnx layer lambda-sim wheels-check deploy deploy-artifacts \
-	bench browser lint format clean
+.PHONY: serve test model package package-onnx package-onnx-snapstart layer lambda-sim wheels-check deploy \
+	deploy-artifacts bench browser lint format clean
 
 $(STAMP): requirements.txt requirements-onnx.txt requirements-deploy.txt requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -53,6 +53,10 @@ endif
 DEPLOY_PY := $(DEPLOY_RUN) $(CURDIR)/$(DEPLOY_VENV)/bin/python
 DEPLOY_CHALICE := $(DEPLOY_RUN) $(CURDIR)/$(DEPLOY_VENV)/bin/chalice
 GATE := $(DEPLOY_PY) -m tools.runtime_gate
+# Lambda's /var/task and /opt are read-only: bytecode compiled at build time
+# is all a cold start gets (tools/compile_bytecode.py).
+BYTECODE := $(DEPLOY_PY) -m tools.compile_bytecode
+PACKAGING_TOOLS := tools/compile_bytecode.py tools/runtime_gate.py
 # Which interpreter builds the packages; the venv is rebuilt when this changes.
 DEPLOY_CHOICE := $(strip $(DEPLOY_RUN) $(DEPLOY_INTERPRETER))
 $(shell mkdir -p $(TOOLCHAIN) && { [ "$$(cat $(TOOLCHAIN)/choice 2>/dev/null)" = "$(DEPLOY_CHOICE)" ] \
@@ -88,10 +92,11 @@ ONNX_PACKAGE := build/package-onnx/deployment.zip
 LAYER := build/layer/pytorch-layer.zip
 PACKAGE_ENV := AWS_DEFAULT_REGION=us-east-1
 
-$(PACKAGE): $(DEPLOY_STAMP) $(APP_SOURCES) requirements.txt
+$(PACKAGE): $(DEPLOY_STAMP) $(APP_SOURCES) $(PACKAGING_TOOLS) requirements.txt
 	rm -rf build/package .chalice/deployments
 	$(PACKAGE_ENV) $(DEPLOY_CHALICE) package --stage prod \
 		--merge-template .chalice/merge-template.json build/package
+	$(BYTECODE) build/package/*.zip
 	$(GATE) --requirements requirements.txt $@
 
 package: $(PACKAGE)
@@ -99,7 +104,7 @@ package: $(PACKAGE)
 # The onnx stage: the same app with requirements-onnx.txt added (Chalice reads
 # only requirements.txt, so it gets a project copy of its own). PIP_NO_DEPS
 # keeps onnxruntime's unused dependencies out (see requirements-onnx.txt).
-$(ONNX_PACKAGE): $(DEPLOY_STAMP) $(APP_SOURCES) requirements.txt requirements-onnx.txt
+$(ONNX_PACKAGE): $(DEPLOY_STAMP) $(APP_SOURCES) $(PACKAGING_TOOLS) requirements.txt requirements-onnx.txt
 	rm -rf $(ONNX_PROJECT) build/package-onnx
 	mkdir -p $(ONNX_PROJECT)/.chalice
 	tar -c --exclude=__pycache__ app.py chalicelib vendor | tar -x -C $(ONNX_PROJECT)
@@ -107,9 +112,26 @@ $(ONNX_PACKAGE): $(DEPLOY_STAMP) $(APP_SOURCES) requirements.txt requirements-on
 	cat requirements.txt requirements-onnx.txt > $(ONNX_PROJECT)/requirements.txt
 	cd $(ONNX_PROJECT) && PIP_NO_DEPS=1 $(PACKAGE_ENV) $(DEPLOY_CHALICE) package --stage onnx \
 		$(CURDIR)/build/package-onnx
+	$(BYTECODE) build/package-onnx/*.zip
 	$(GATE) --requirements $(ONNX_PROJECT)/requirements.txt $@ build/package-onnx/layer-deployment.zip
 
 package-onnx: $(ONNX_PACKAGE)
+
+# The onnx stage with Lambda SnapStart (README: SnapStart): the same project,
+# packaged again with .chalice/merge-template-snapstart.json merged into its
+# template, into a folder of its own, so the two templates never mix and
+# `make deploy STAGE=onnx-snapstart` finds it by name.
+ONNX_SNAPSTART_DIR := build/package-onnx-snapstart
+ONNX_SNAPSTART_PACKAGE := $(ONNX_SNAPSTART_DIR)/deployment.zip
+
+$(ONNX_SNAPSTART_PACKAGE): $(ONNX_PACKAGE) .chalice/merge-template-snapstart.json
+	rm -rf $(ONNX_SNAPSTART_DIR)
+	cd $(ONNX_PROJECT) && PIP_NO_DEPS=1 $(PACKAGE_ENV) $(DEPLOY_CHALICE) package --stage onnx \
+		--merge-template $(CURDIR)/.chalice/merge-template-snapstart.json $(CURDIR)/$(ONNX_SNAPSTART_DIR)
+	$(BYTECODE) $(ONNX_SNAPSTART_DIR)/*.zip
+	$(GATE) --requirements $(ONNX_PROJECT)/requirements.txt $@ $(ONNX_SNAPSTART_DIR)/layer-deployment.zip
+
+package-onnx-snapstart: $(ONNX_SNAPSTART_PACKAGE)
 
 # The deployable PyTorch layer, for the same runtime, from PyTorch's CPU wheel
 # index (not reachable from this machine: see README, Deploying).
@@ -132,28 +154,31 @@ SIMULATION := build/simulation
 SIM_PACKAGE := $(SIMULATION)/package/deployment.zip
 SIM_LAYER := $(SIMULATION)/pytorch-layer-cp311-simulation-only.zip
 
-$(SIM_PACKAGE): $(STAMP) $(APP_SOURCES) requirements.txt
+$(SIM_PACKAGE): $(STAMP) $(APP_SOURCES) tools/compile_bytecode.py requirements.txt
 	rm -rf $(SIMULATION)/package .chalice/deployments
 	$(PACKAGE_ENV) $(BIN)/chalice package --stage prod --merge-template .chalice/merge-template.json \
 		$(SIMULATION)/package
+	$(BIN)/python -m tools.compile_bytecode $(SIMULATION)/package/*.zip
 
 $(SIM_LAYER): tools/build_layer.py tools/runtime_gate.py $(STAMP) | $(SIM_PACKAGE)
 	$(BIN)/python -m tools.build_layer --runtime python3.11 --simulation-only --output $@ \
 		--function-zip $(SIM_PACKAGE)
 
-lambda-sim: $(ONNX_PACKAGE) $(SIM_PACKAGE) $(SIM_LAYER) $(DEMO_MODEL)
+lambda-sim: $(ONNX_PACKAGE) $(ONNX_SNAPSTART_PACKAGE) $(SIM_PACKAGE) $(SIM_LAYER) $(DEMO_MODEL)
 	tools/isolated_network.sh $(BIN)/python -m tools.lambda_sim --python $(TOOLCHAIN)/python \
 		--package build/package-onnx --layer build/package-onnx/layer-deployment.zip
 	tools/isolated_network.sh $(BIN)/python -m tools.lambda_sim \
 		--package $(SIMULATION)/package --layer $(SIM_LAYER)
+	tools/isolated_network.sh $(BIN)/python -m tools.snapstart_sim --python $(TOOLCHAIN)/python \
+		--package $(ONNX_SNAPSTART_DIR) --layer $(ONNX_SNAPSTART_DIR)/layer-deployment.zip
 
 # --- Deploying through CloudFormation ----------------------------------------------
 # From any machine: the packaged template and its zips go through S3, which
-# also lifts the 50 MB direct-upload limit. STAGE=onnx (default) or prod;
+# also lifts the 50 MB direct-upload limit. STAGE=onnx (default), onnx-snapstart or prod;
 # ARTIFACT_BUCKET is an S3 bucket of yours for the zips. `make deploy-artifacts`
 # is the upload alone (it writes build/<stage>/packaged.yaml).
 STAGE ?= onnx
-STAGE_DIR := $(if $(filter prod,$(STAGE)),build/package,build/package-onnx)
+STAGE_DIR := $(if $(filter prod,$(STAGE)),build/package,build/package-$(STAGE))
 STACK ?= chalice-classifier-$(STAGE)
 AWS ?= aws
 
@@ -182,7 +207,8 @@ browser:
 
 # The suite runs in a network namespace with only loopback: it sends hostile
 # URLs on purpose, and there not one packet can leave the machine.
-test: $(STAMP) $(DEMO_MODEL) $(PACKAGE) $(ONNX_PACKAGE) $(SIM_PACKAGE) $(SIM_LAYER) wheels-check browser lint
+test: $(STAMP) $(DEMO_MODEL) $(PACKAGE) $(ONNX_PACKAGE) $(ONNX_SNAPSTART_PACKAGE) $(SIM_PACKAGE) $(SIM_LAYER) \
+		wheels-check browser lint
 	tools/isolated_network.sh $(BIN)/python -m pytest
 
 lint: $(STAMP)

@@ -7,7 +7,8 @@ artefacts are complete:
    would be, and the layer zips as /opt would be;
 2. the runtime's own interpreter (``--python``: by default this one; ``make
    lambda-sim`` gives ``build/toolchain/python``, CPython 3.13 in a Debian 13
-   root) starts bare, ``-I -S``, with only those folders and a folder of
+   root) starts bare, ``-I -S``, writing no bytecode (``-B``: those folders
+   are read-only on Lambda), with only those folders and a folder of
    boto3/botocore (which Lambda's runtime provides) on ``sys.path``, with HOME
    and TMPDIR pointing at empty folders;
 3. it imports the handler named in ``sam.json`` and invokes it with API
@@ -96,6 +97,10 @@ print(json.dumps({
 """
 
 RESULT_MARKER = "SIM-RESULT "
+# Bare (-I -S), and -B because /var/task and /opt are read-only on Lambda:
+# Python can cache no bytecode there, so each cold start compiles whatever
+# the zips do not carry compiled (tools/compile_bytecode.py).
+SANDBOX_FLAGS = ("-I", "-S", "-B")
 RUNTIME_PACKAGES = ("boto3", "botocore", "s3transfer", "jmespath", "dateutil", "six.py", "urllib3")
 
 
@@ -340,7 +345,7 @@ def invoke(
             }
             started = time.monotonic()
             child = subprocess.Popen(
-                [*interpreter.command, "-I", "-S", "-c", BOOTSTRAP, json.dumps(config)],
+                [*interpreter.command, *SANDBOX_FLAGS, "-c", BOOTSTRAP, json.dumps(config)],
                 cwd=task, env=function_environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             )  # fmt: skip
             assert child.stdout is not None
