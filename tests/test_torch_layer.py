@@ -1,70 +1,77 @@
-"""The layer loader: unpack once, atomically, safely when raced, and only when it fits.
+"""The layer loader: libraries from memory, dependencies first, per process, and a clear 503 for every fault.
 
-Whatever is wrong with the layer or with /tmp is a ``TorchUnavailable`` (503)
-that says which, raised by the import itself, and leaves nothing half
-unpacked. Full and read-only disks are real filesystems in a private mount
-namespace (tests/support/faulty_disk.py); racers and leftovers are real
-processes.
+The layers are written by ``tools/build_layer.py`` itself, around a miniature
+of torch built with gcc (tests/support/shared_libraries.py): its package
+imports only if the dynamic linker finds the in-memory libraries by their
+sonames. Every load runs in a process of its own, as on Lambda; faults are
+real (a truncated or damaged archive, a library needing a newer glibc,
+resource limits that make ``memfd_create`` or its writes fail, a read-only
+/tmp).
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
-import random
+import shutil
 import subprocess
 import sys
-import tarfile
 import time
+import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
+import zstandard
 
 from chalicelib.errors import TorchUnavailable
-from chalicelib.torch_layer import COMPLETE_MARKER, HEADROOM_BYTES, UNPACKING_PREFIX, unpack
-from tests.support.faulty_disk import ROOT, ReadOnly, Tmpfs, run_python
+from chalicelib.torch_layer import MANIFEST, PyTorchLayer, load
+from tests.support.faulty_disk import ROOT, Mount, ReadOnly, run_python
+from tests.support.shared_libraries import FAKE_TORCH, IN_MEMORY, FakeTorch, build_fake_torch
+from tools.build_layer import LayerInfo, write_layer
 
-MIB = 2**20
-SMALL_PACKAGE = {"fake_torch/__init__.py": b"VALUE = 42\n"}
-
-
-def tar_gz(files: dict[str, bytes]) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz", compresslevel=1) as archive:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            archive.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
+MEMORY_ARCHIVE = "fake-in-memory.tar.zst"
+LAMBDA_MEMORY = {"AWS_LAMBDA_FUNCTION_MEMORY_SIZE": "1769"}  # the prod stage's
 
 
-def fake_layer(
-    root: Path,
-    *,
-    unpacked_bytes: int | None = None,
-    files: dict[str, bytes] = SMALL_PACKAGE,
-    archive: bytes | None = None,
-    manifest: Any = None,
-) -> Path:
-    """A layer shaped like tools/build_layer.py's, carrying a tiny package instead of torch.
+@pytest.fixture(scope="module")
+def fake_torch(tmp_path_factory: pytest.TempPathFactory) -> FakeTorch:
+    return build_fake_torch(tmp_path_factory.mktemp("fake-torch"))
 
-    ``archive`` replaces the packed ``files`` (to corrupt it), ``manifest``
-    replaces the manifest's JSON value, and ``unpacked_bytes`` what it claims.
-    """
-    packed = tar_gz(files) if archive is None else archive
-    layer = root / "opt" / "pytorch"
-    layer.mkdir(parents=True)
-    (layer / "fake.tar.gz").write_bytes(packed)
-    if manifest is None:
-        manifest = {
-            "archive": "fake.tar.gz",
-            "sha256": hashlib.sha256(packed).hexdigest(),
-            "unpacked_bytes": unpacked_bytes if unpacked_bytes is not None else sum(map(len, files.values())),
-        }
-    (layer / "manifest.json").write_text(manifest if isinstance(manifest, str) else json.dumps(manifest))
-    return layer
+
+@pytest.fixture(scope="module")
+def vendor(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """What build_layer vendors of zstandard (the C backend), from this venv's own copy."""
+    folder = tmp_path_factory.mktemp("vendor")
+    installed = Path(zstandard.__file__).parent
+    (folder / "zstandard").mkdir()
+    for part in ("__init__.py", *(p.name for p in installed.glob("backend_c.*"))):
+        shutil.copy(installed / part, folder / "zstandard" / part)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def layer_zip(tmp_path_factory: pytest.TempPathFactory, fake_torch: FakeTorch, vendor: Path) -> Path:
+    return write_fake_layer(tmp_path_factory.mktemp("layer") / "layer.zip", fake_torch.site, vendor)
+
+
+def write_fake_layer(output: Path, site: Path, vendor: Path) -> Path:
+    write_layer(
+        site, vendor, "fake", output, LayerInfo("python3.11", "2.2", False), in_memory=IN_MEMORY, level=3
+    )
+    return output
+
+
+def attach(layer_zip: Path, root: Path) -> Path:
+    """The layer unzipped as Lambda mounts it; returns its /opt/pytorch."""
+    with zipfile.ZipFile(layer_zip) as bundle:
+        bundle.extractall(root / "opt")
+    return root / "opt" / "pytorch"
+
+
+@pytest.fixture
+def layer(layer_zip: Path, tmp_path: Path) -> Path:
+    return attach(layer_zip, tmp_path)
 
 
 @pytest.fixture
@@ -75,192 +82,251 @@ def temp(tmp_path: Path) -> Path:
     return path
 
 
+# Run by faulty_disk.run_python: import the loader for the layer argv[1] with
+# the environment in argv[2] (JSON) after the setup in argv[3] (Python), then
+# import the fake package; report the outcome and the in-memory files left open.
+IMPORT_AND_REPORT = """
+import json, os, sys
+os.environ.update(json.loads(sys.argv[2]))
+os.environ["PYTORCH_LAYER_DIR"] = sys.argv[1]
+exec(sys.argv[3])
+from chalicelib.errors import TorchUnavailable
+try:
+    import chalicelib.torch_layer
+    import fake_torch
+    outcome = fake_torch.VALUE
+except TorchUnavailable as error:
+    outcome = str(error)
+open_files = []
+for fd in os.listdir("/proc/self/fd"):
+    try:
+        open_files.append(os.readlink(f"/proc/self/fd/{fd}"))
+    except FileNotFoundError:  # the listing's own descriptor
+        pass
+memory_files = sorted(name for name in open_files if name.startswith("/memfd:"))
+with open("/proc/self/maps") as maps:
+    mapped = sorted({line.split(maxsplit=5)[5].strip() for line in maps if "/memfd:" in line})
+print(json.dumps({"outcome": outcome, "memory_files": memory_files, "mapped": mapped}))
+"""
+
+
+def import_in_a_process(
+    layer: Path, *, environment: dict[str, str] = LAMBDA_MEMORY, setup: str = "", mounts: Sequence[Mount] = ()
+) -> dict[str, Any]:
+    report: dict[str, Any] = run_python(
+        IMPORT_AND_REPORT, str(layer), json.dumps(environment), setup, mounts=mounts
+    )
+    return report
+
+
 def test_without_a_layer_nothing_happens(tmp_path: Path) -> None:
-    assert unpack(tmp_path / "no-layer", tmp_path) is None
-    assert list(tmp_path.iterdir()) == []
+    assert load(tmp_path / "no-layer") is None
 
 
-def test_unpacks_once_and_reuses_the_result(tmp_path: Path, temp: Path) -> None:
-    layer = fake_layer(tmp_path)
+def test_the_libraries_load_from_memory_and_the_package_from_the_layer_with_tmp_read_only(
+    layer: Path, temp: Path
+) -> None:
+    report = import_in_a_process(
+        layer,
+        environment={**LAMBDA_MEMORY, "TMPDIR": str(temp)},
+        mounts=[ReadOnly(temp)],
+    )
 
-    first = unpack(layer, temp)
-    marker_time = (first / COMPLETE_MARKER).stat().st_mtime_ns
-    second = unpack(layer, temp)
-
-    assert first == second
-    assert (first / "fake_torch" / "__init__.py").read_text() == "VALUE = 42\n"
-    assert (second / COMPLETE_MARKER).stat().st_mtime_ns == marker_time
-    assert [p.name for p in temp.iterdir()] == [first.name]
-
-
-def test_refuses_to_unpack_without_enough_free_space(tmp_path: Path, temp: Path) -> None:
-    layer = fake_layer(tmp_path, unpacked_bytes=10**16)
-
-    with pytest.raises(TorchUnavailable, match="ephemeral storage"):
-        unpack(layer, temp)
+    assert report["outcome"] == 42
+    assert not (layer / "site" / FAKE_TORCH / "lib" / "libfake_cpu.so").exists()
+    assert report["memory_files"] == ["/memfd:libfake_cpu.so (deleted)", "/memfd:libfake_python.so (deleted)"]
+    assert report["mapped"] == report["memory_files"]
     assert list(temp.iterdir()) == []
 
 
-VALID_SHA256 = "0" * 64
+def test_the_manifest_lists_the_libraries_dependencies_first(layer: Path, fake_torch: FakeTorch) -> None:
+    manifest = json.loads((layer / MANIFEST).read_text())
+
+    lib = f"{FAKE_TORCH}/lib"
+    assert manifest["libraries"] == [
+        f"{lib}/libfake_c10.so",
+        f"{lib}/libfake_cpu.so",
+        f"{lib}/libfake_shm.so",
+        f"{lib}/libfake_python.so",
+    ]
+    assert manifest["memory_bytes"] == sum((fake_torch.site / name).stat().st_size for name in IN_MEMORY)
+
+
 BAD_MANIFESTS = {
     "not JSON": ("{not json", "JSONDecodeError"),
-    "not an object": (["fake.tar.gz"], "TypeError"),
-    "no sha256": ({"archive": "fake.tar.gz", "unpacked_bytes": 11}, "KeyError: 'sha256'"),
-    "sha256 not a digest": ({"archive": "fake.tar.gz", "sha256": 7, "unpacked_bytes": 11}, "'sha256': 7"),
+    "not an object": (["fake.tar.zst"], "TypeError"),
+    "no library list": ({"memory_archive": MEMORY_ARCHIVE, "memory_bytes": 1}, "KeyError: 'libraries'"),
     "size not a number": (
-        {"archive": "fake.tar.gz", "sha256": VALID_SHA256, "unpacked_bytes": "11"},
-        "'unpacked_bytes': '11'",
+        {"memory_archive": MEMORY_ARCHIVE, "memory_bytes": "1", "libraries": []},
+        "'memory_bytes': '1'",
     ),
     "archive outside the layer": (
-        {"archive": "../fake.tar.gz", "sha256": VALID_SHA256, "unpacked_bytes": 11},
-        "'archive': '../fake.tar.gz'",
+        {"memory_archive": "../fake.tar.zst", "memory_bytes": 1, "libraries": []},
+        "'memory_archive': '../fake.tar.zst'",
+    ),
+    "libraries not a list": (
+        {"memory_archive": MEMORY_ARCHIVE, "memory_bytes": 1, "libraries": "lib/a.so"},
+        "'libraries': 'lib/a.so'",
+    ),
+    "library outside the layer": (
+        {"memory_archive": MEMORY_ARCHIVE, "memory_bytes": 1, "libraries": ["../../lib/libc.so.6"]},
+        "'../../lib/libc.so.6'",
     ),
 }
 
 
 @pytest.mark.parametrize("case", sorted(BAD_MANIFESTS))
-def test_a_bad_manifest_is_torch_unavailable_naming_it(tmp_path: Path, temp: Path, case: str) -> None:
+def test_a_bad_manifest_is_torch_unavailable_naming_it(layer: Path, case: str) -> None:
     manifest, detail = BAD_MANIFESTS[case]
-    layer = fake_layer(tmp_path, manifest=manifest)
+    (layer / MANIFEST).write_text(manifest if isinstance(manifest, str) else json.dumps(manifest))
 
     with pytest.raises(TorchUnavailable) as raised:
-        unpack(layer, temp)
+        PyTorchLayer.find(layer)
 
-    assert f"The PyTorch layer's {layer / 'manifest.json'} is not the manifest" in str(raised.value)
+    assert f"The PyTorch layer's {layer / MANIFEST} is not the manifest" in str(raised.value)
     assert detail in str(raised.value)
     assert "make layer" in str(raised.value)
-    assert list(temp.iterdir()) == []
 
 
-def test_a_corrupt_archive_is_torch_unavailable_and_leaves_nothing_half_unpacked(
-    tmp_path: Path, temp: Path
-) -> None:
-    whole = tar_gz({"fake_torch/a.py": random.Random(0).randbytes(MIB), "fake_torch/b.py": b"B = 1\n"})
-    layer = fake_layer(tmp_path, archive=whole[: len(whole) // 2])
-
-    with pytest.raises(TorchUnavailable, match=r"archive .*fake\.tar\.gz is missing or corrupt"):
-        unpack(layer, temp)
-    assert list(temp.iterdir()) == []
+def cut_in_half(packed: bytes) -> bytes:
+    return packed[: len(packed) // 2]
 
 
-def test_a_missing_archive_is_torch_unavailable(tmp_path: Path, temp: Path) -> None:
-    layer = fake_layer(tmp_path)
-    (layer / "fake.tar.gz").unlink()
-
-    with pytest.raises(TorchUnavailable, match="is missing or corrupt"):
-        unpack(layer, temp)
-    assert list(temp.iterdir()) == []
+def without_its_checksum(packed: bytes) -> bytes:
+    """Every byte of the tarball is there; only the frame's last four bytes, its checksum, are not."""
+    return packed[:-4]
 
 
-# Run under faulty_disk.run_python: unpack the layer argv[1] into argv[2] and
-# report the outcome and what is left there, while the mounts still exist.
-UNPACK_AND_REPORT = """
-import json, sys
-from pathlib import Path
-from chalicelib.errors import TorchUnavailable
-from chalicelib.torch_layer import unpack
+def with_a_byte_flipped(packed: bytes) -> bytes:
+    damaged = bytearray(packed)
+    damaged[len(packed) // 2] ^= 0x40
+    return bytes(damaged)
 
-layer, temp = Path(sys.argv[1]), Path(sys.argv[2])
-try:
-    outcome = str(unpack(layer, temp))
-except TorchUnavailable as error:
-    outcome = str(error)
-print(json.dumps({"outcome": outcome, "left": sorted(p.name for p in temp.iterdir())}))
+
+@pytest.mark.parametrize("damage", [cut_in_half, without_its_checksum, with_a_byte_flipped])
+def test_a_corrupt_archive_is_torch_unavailable_and_leaves_no_memory_file(layer: Path, damage: Any) -> None:
+    archive = layer / MEMORY_ARCHIVE
+    archive.write_bytes(damage(archive.read_bytes()))
+
+    report = import_in_a_process(layer)
+
+    assert report["outcome"].startswith(f"The PyTorch layer's archive {archive} is missing or corrupt")
+    assert "make layer" in report["outcome"]
+    assert report["memory_files"] == []
+
+
+def test_a_missing_archive_is_torch_unavailable(layer: Path) -> None:
+    (layer / MEMORY_ARCHIVE).unlink()
+
+    report = import_in_a_process(layer)
+
+    assert report["outcome"].startswith(f"The PyTorch layer's archive {layer / MEMORY_ARCHIVE} is missing")
+    assert "FileNotFoundError" in report["outcome"]
+
+
+def test_a_layer_without_its_zstandard_is_torch_unavailable(layer: Path) -> None:
+    shutil.rmtree(layer / "vendor")
+
+    report = import_in_a_process(layer)
+
+    assert report["outcome"].startswith(f"The PyTorch layer has no zstandard in {layer / 'vendor'}; rebuild")
+
+
+def test_too_little_memory_is_torch_unavailable_before_anything_is_decompressed(layer: Path) -> None:
+    report = import_in_a_process(layer, environment={"AWS_LAMBDA_FUNCTION_MEMORY_SIZE": "256"})
+
+    assert report["outcome"].startswith("PyTorch needs 0 MiB of memory for its libraries plus 384 MiB")
+    assert "the function has 256 MB" in report["outcome"]
+    assert report["outcome"].endswith("raise its memory size.")
+    assert report["memory_files"] == []
+
+
+# No descriptor left to create an in-memory file with, once the loader opened the archive.
+NO_DESCRIPTOR_LEFT = """
+import resource, zstandard
+import chalicelib.model_store
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+spare = []
+while True:
+    try:
+        spare.append(os.open("/dev/null", os.O_RDONLY))
+    except OSError:
+        break
+os.close(spare.pop())  # one at a time, for the manifest, then /proc/self/statm, then the archive
 """
 
 
-def test_a_disk_that_fills_while_unpacking_is_torch_unavailable_and_leaves_nothing(
-    tmp_path: Path, temp: Path
-) -> None:
-    # The free-space check passes (the manifest understates the size, as when
-    # something else fills /tmp meanwhile); the disk fills part way through.
-    disk = HEADROOM_BYTES + 8 * MIB
-    layer = fake_layer(tmp_path, files={"fake_torch/weights.bin": bytes(disk + MIB)}, unpacked_bytes=MIB)
-
-    report = run_python(UNPACK_AND_REPORT, str(layer), str(temp), mounts=[Tmpfs(temp, disk)])
-
-    assert report["outcome"].startswith(f"PyTorch cannot be unpacked into {temp}: no space is left")
-    assert "(ENOSPC)" in report["outcome"]
-    assert report["left"] == []
-
-
-def test_a_read_only_tmp_is_torch_unavailable_that_says_read_only(tmp_path: Path, temp: Path) -> None:
-    layer = fake_layer(tmp_path)
-
-    report = run_python(UNPACK_AND_REPORT, str(layer), str(temp), mounts=[ReadOnly(temp)])
+def test_an_in_memory_file_that_cannot_be_made_is_torch_unavailable(layer: Path) -> None:
+    report = import_in_a_process(layer, setup=NO_DESCRIPTOR_LEFT)
 
     assert report["outcome"].startswith(
-        f"PyTorch cannot be unpacked into {temp}: its filesystem is read-only (EROFS)"
+        "The PyTorch layer's libfake_cpu.so cannot be put in an in-memory file: "
     )
-    assert report["left"] == []
+    assert "(EMFILE)" in report["outcome"]
+    assert "memfd_create" in report["outcome"]
 
 
-# Make a scratch folder named as the loader names its own, print its path,
-# and wait for stdin to close.
-SCRATCH_OWNER = """
-import sys, tempfile
-from pathlib import Path
-from chalicelib.model_store import owned_prefix
-from chalicelib.torch_layer import UNPACKING_PREFIX
-
-path = Path(tempfile.mkdtemp(dir=sys.argv[1], prefix=owned_prefix(UNPACKING_PREFIX)))
-(path / "half.py").write_bytes(bytes(1000))
-print(path, flush=True)
-sys.stdin.read()
+# Files, in-memory ones too, may not grow past 4 KiB (EFBIG rather than SIGXFSZ).
+FILES_CAPPED = """
+import resource, signal
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))
 """
 
 
-def scratch_owner(temp: Path) -> tuple[subprocess.Popen[str], Path]:
-    """A live process and the half-unpacked folder it owns; closing its stdin ends it, leaving the folder."""
-    process = subprocess.Popen(
-        [sys.executable, "-c", SCRATCH_OWNER, str(temp)],
-        cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    assert process.stdout is not None
-    return process, Path(process.stdout.readline().strip())
+def test_an_in_memory_file_that_cannot_be_filled_is_torch_unavailable_and_closed(layer: Path) -> None:
+    report = import_in_a_process(layer, setup=FILES_CAPPED)
+
+    assert report["outcome"].startswith(
+        "The PyTorch layer's libfake_cpu.so cannot be put in an in-memory file: "
+        "a file outgrew what the filesystem allows (EFBIG)"
+    )
+    assert report["memory_files"] == []
 
 
-def test_half_unpacked_folders_of_dead_processes_go_and_those_of_live_ones_stay(
-    tmp_path: Path, temp: Path
+def test_a_library_for_a_newer_glibc_is_torch_unavailable_naming_it(
+    fake_torch: FakeTorch, vendor: Path, tmp_path: Path
 ) -> None:
-    dead, dead_folder = scratch_owner(temp)
-    dead.communicate(timeout=30)
-    live, live_folder = scratch_owner(temp)
-    try:
-        unpack(fake_layer(tmp_path), temp)
+    site = tmp_path / "site"
+    shutil.copytree(fake_torch.site, site)
+    shutil.copy(fake_torch.future_glibc_cpu, site / FAKE_TORCH / "lib" / "libfake_cpu.so")
+    layer = attach(write_fake_layer(tmp_path / "layer.zip", site, vendor), tmp_path)
 
-        assert dead_folder.exists() is False
-        assert live_folder.exists()
-        assert live_folder.name.startswith(f"{UNPACKING_PREFIX}{live.pid}-")
-    finally:
-        live.communicate(timeout=30)
+    report = import_in_a_process(layer)
+
+    assert report["outcome"].startswith(
+        f"The PyTorch layer's {FAKE_TORCH}/lib/libfake_cpu.so cannot be loaded ("
+    )
+    assert "version `GLIBC_2.99' not found" in report["outcome"]
+    assert "attach the layer built for this function's runtime" in report["outcome"]
+    assert report["memory_files"] == []
 
 
-# One racer: wait for the start signal (argv[4] appears), note whether any
-# racer had already published, then unpack.
+# One racer: wait for the start signal (argv[3] appears), note whether any
+# racer had already finished, then load the layer and import the package.
 RACER = """
-import json, sys, time
+import json, os, sys, time
 from pathlib import Path
-from chalicelib.torch_layer import unpack
-
-layer, temp, ready, start = map(Path, sys.argv[1:5])
+os.environ["PYTORCH_LAYER_DIR"] = sys.argv[1]
+ready, start = Path(sys.argv[2]), Path(sys.argv[3])
 ready.touch()
 while not start.exists():
     time.sleep(0.001)
-late = any(temp.glob("pytorch-*"))
-print(json.dumps({"folder": str(unpack(layer, temp)), "late": late}))
+late = any(start.parent.glob("done-*"))
+import chalicelib.torch_layer, fake_torch
+from chalicelib.torch_layer import IN_MEMORY_FILES
+(start.parent / f"done-{os.getpid()}").touch()
+inodes = [os.fstat(descriptor).st_ino for descriptor in IN_MEMORY_FILES]
+print(json.dumps({"value": fake_torch.VALUE, "late": late, "inodes": inodes}))
 """
 
 
-def test_racing_processes_end_with_one_complete_copy(tmp_path: Path, temp: Path) -> None:
-    # Large enough that unpacking takes far longer than the racers take to start together.
-    files = {f"fake_torch/part{n}.bin": random.Random(n).randbytes(8 * MIB) for n in range(4)}
-    layer, signals = fake_layer(tmp_path, files=files), tmp_path / "signals"
+def test_racing_processes_each_load_their_own_copy(layer: Path, tmp_path: Path) -> None:
+    signals = tmp_path / "signals"
     signals.mkdir()
-    command = [sys.executable, "-c", RACER, str(layer), str(temp)]
     racers = [
         subprocess.Popen(
-            [*command, str(signals / f"ready-{n}"), str(signals / "go")],
+            [sys.executable, "-c", RACER, str(layer), str(signals / f"ready-{n}"), str(signals / "go")],
             cwd=ROOT,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -276,42 +342,15 @@ def test_racing_processes_end_with_one_complete_copy(tmp_path: Path, temp: Path)
 
     assert all(racer.returncode == 0 for racer in racers), [err for _, err in results]
     reports = [json.loads(out) for out, _ in results]
+    assert [report["value"] for report in reports] == [42] * 4
     assert not any(report["late"] for report in reports), "the racers did not start together"
-    assert len({report["folder"] for report in reports}) == 1
-    folder = Path(reports[0]["folder"])
-    assert [p.name for p in temp.iterdir()] == [folder.name]
-    assert sorted(p.name for p in (folder / "fake_torch").iterdir()) == sorted(Path(n).name for n in files)
+    inodes = [inode for report in reports for inode in report["inodes"]]
+    assert len(inodes) == len(set(inodes)) == 2 * len(racers)
 
 
-def import_loader(layer: Path, temp: Path, probe: str) -> subprocess.CompletedProcess[str]:
-    """Run ``probe`` in a process with ``layer`` attached and ``temp`` as /tmp."""
-    return subprocess.run(
-        [sys.executable, "-c", probe],
-        cwd=ROOT,
-        env={"PYTORCH_LAYER_DIR": str(layer), "TMPDIR": str(temp), "PATH": "/usr/bin:/bin"},
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+def test_importing_the_module_with_a_broken_layer_raises_torch_unavailable(layer: Path) -> None:
+    (layer / MANIFEST).write_text("{not json")
 
+    report = import_in_a_process(layer)
 
-def test_importing_the_module_puts_the_unpacked_folder_on_sys_path(tmp_path: Path, temp: Path) -> None:
-    result = import_loader(
-        fake_layer(tmp_path), temp, "import chalicelib.torch_layer, fake_torch; print(fake_torch.VALUE)"
-    )
-
-    assert result.stdout.strip() == "42", result.stderr
-
-
-def test_importing_the_module_with_a_broken_layer_raises_torch_unavailable(
-    tmp_path: Path, temp: Path
-) -> None:
-    probe = (
-        "from chalicelib.errors import TorchUnavailable\n"
-        "try:\n    import chalicelib.torch_layer\n"
-        "except TorchUnavailable as error:\n    print('503', error)\n"
-    )
-
-    result = import_loader(fake_layer(tmp_path, manifest="{not json"), temp, probe)
-
-    assert result.stdout.startswith("503 The PyTorch layer's"), result.stderr
+    assert report["outcome"].startswith("The PyTorch layer's")

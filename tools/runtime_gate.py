@@ -20,7 +20,7 @@ is trusted, and the build fails, naming the file, when
 - the function and its layers unzip to more than Lambda's 250 MB.
 
 Zips are read as Lambda would unpack them, and tarballs inside them (the
-PyTorch layer's) are read through. ``main`` prints the sizes against Lambda's
+PyTorch layer's ``.tar.zst``, gzip ones too) are read through. ``main`` prints the sizes against Lambda's
 limits and the newest glibc each package needs.
 
     python -m tools.runtime_gate --runtime python3.13 --requirements requirements.txt \\
@@ -37,6 +37,7 @@ import tarfile
 import tempfile
 import zipfile
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path, PurePosixPath
@@ -54,6 +55,7 @@ MIB = 1024 * 1024
 UNZIPPED_LIMIT = 250 * MIB  # function and all its layers, unzipped
 DIRECT_UPLOAD_LIMIT = 50 * MIB  # a zip sent in the API call; larger ones go through S3
 ELF_MAGIC = b"\x7fELF"
+TARBALLS = (".tar.gz", ".tgz", ".tar.zst")
 ELF_MACHINES = {"x86_64": "EM_X86_64", "arm64": "EM_AARCH64"}
 WHEEL_MACHINES = {"x86_64": "x86_64", "arm64": "aarch64"}
 EXTENSION = re.compile(r"\.cpython-(?P<tag>\d+t?)-(?P<platform>[^.]+)\.so$")
@@ -166,8 +168,8 @@ class _Scan:
 
     def member(self, where: str, name: str, content: IO[bytes]) -> None:
         self._site_packages(where, name)
-        if name.endswith((".tar.gz", ".tgz")):
-            with tarfile.open(fileobj=content, mode="r|gz") as tarball:
+        if name.endswith(TARBALLS):
+            with _tarball(name, content) as tarball:
                 for entry in tarball:
                     extracted = tarball.extractfile(entry) if entry.isfile() else None
                     if extracted is not None:
@@ -235,6 +237,23 @@ class _Scan:
         verdicts = [_platform_problem(tag, self.target) or _python_problem(tag, self.target) for tag in tags]
         if tags and all(verdicts):
             self.report.problems.append(f"{where} is a {tags[0]} wheel: {verdicts[0]}")
+
+
+@contextmanager
+def _tarball(name: str, content: IO[bytes]) -> Iterator[tarfile.TarFile]:
+    """A tarball read as a stream. zstandard is imported only for a ``.tar.zst`` (the PyTorch
+    layer's), so the gate runs without it on every other package."""
+    if not name.endswith(".tar.zst"):
+        with tarfile.open(fileobj=content, mode="r|gz") as tarball:
+            yield tarball
+        return
+    import zstandard  # noqa: PLC0415 - only the PyTorch layer needs it
+
+    with (
+        zstandard.ZstdDecompressor().stream_reader(content) as decompressed,
+        tarfile.open(fileobj=decompressed, mode="r|") as tarball,
+    ):
+        yield tarball
 
 
 def _glibc_versions_needed(elf: ELFFile) -> set[tuple[int, int]]:

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+import tarfile
 import zipfile
 from datetime import date
 from pathlib import Path
 
 import pytest
 
+from tests.support.shared_libraries import FAKE_TORCH, IN_MEMORY, build_fake_torch
 from tests.test_deployment import (
     ONNX_LAYER,
     ONNX_PACKAGE,
@@ -20,6 +23,7 @@ from tests.test_deployment import (
     SIMULATION_PACKAGE,
     artefact,
 )
+from tools.build_layer import LayerInfo, write_layer
 from tools.runtime_gate import RUNTIMES, Target, _platform_problem, _python_problem, check_zip, main
 
 ONNX_REQUIREMENTS = ROOT / "build" / "onnx-project" / "requirements.txt"
@@ -62,6 +66,58 @@ def test_the_cp311_torch_layer_fails_on_python3_11_naming_the_library(
     assert status == 1
     assert "torch/lib/libtorch_cpu.so needs GLIBC_2.28 (fcntl64" in output
     assert "python3.11 runs on Amazon Linux 2 with glibc 2.26" in output
+
+
+def test_a_library_in_the_torch_layers_tar_zst_is_read_through(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """The PyTorch layer's in-memory libraries travel in a Zstandard tarball: one built for a newer
+    glibc fails the gate there, named by its path inside it."""
+    fake = build_fake_torch(tmp_path / "fake")
+    shutil.copy(fake.future_glibc_cpu, fake.site / FAKE_TORCH / "lib" / "libfake_cpu.so")
+    (tmp_path / "vendor").mkdir()
+    layer = tmp_path / "layer.zip"
+    info = LayerInfo("python3.13", "2.99", simulation_only=False)
+    write_layer(fake.site, tmp_path / "vendor", "fake", layer, info, in_memory=IN_MEMORY, level=3)
+
+    status, output = gate(capsys, "--runtime", "python3.13", layer)
+
+    assert status == 1
+    assert (
+        f"layer.zip:pytorch/fake-in-memory.tar.zst:{FAKE_TORCH}/lib/libfake_cpu.so needs GLIBC_2.99 "
+        "(glibc_from_the_future), but python3.13 runs on Amazon Linux 2023 with glibc 2.34"
+    ) in output
+
+
+# Gate argv[1:] with zstandard made unimportable.
+GATE_WITHOUT_ZSTANDARD = """
+import sys
+sys.modules["zstandard"] = None
+from tools.runtime_gate import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_only_a_tar_zst_needs_zstandard(tmp_path: Path) -> None:
+    """The gate runs where zstandard is not installed (the packaging toolchain) on every other package,
+    tarballs inside zips included."""
+    fake = build_fake_torch(tmp_path / "fake")
+    library = fake.site / FAKE_TORCH / "lib" / "libfake_c10.so"
+    with tarfile.open(tmp_path / "libraries.tar.gz", "w:gz") as tarball:
+        tarball.add(library, arcname="lib/libfake_c10.so")
+    package = tmp_path / "package.zip"
+    with zipfile.ZipFile(package, "w") as bundle:
+        bundle.write(library, "lib/libfake_c10.so")
+        bundle.write(tmp_path / "libraries.tar.gz", "libraries.tar.gz")
+
+    result = subprocess.run(
+        [sys.executable, "-c", GATE_WITHOUT_ZSTANDARD, "--runtime", "python3.13", str(package)],
+        cwd=ROOT, capture_output=True, text=True, check=False, timeout=120,
+    )  # fmt: skip
+
+    assert result.returncode == 0, result.stderr
+    assert "every shared object, extension and wheel loads on python3.13" in result.stdout
+    assert " 2 " in result.stdout.splitlines()[1]  # both copies of the library were read
 
 
 def test_a_cp311_wheel_in_a_python3_13_package_fails(
