@@ -94,8 +94,7 @@ PACKAGE_ENV := AWS_DEFAULT_REGION=us-east-1
 
 $(PACKAGE): $(DEPLOY_STAMP) $(APP_SOURCES) $(PACKAGING_TOOLS) requirements.txt
 	rm -rf build/package .chalice/deployments
-	$(PACKAGE_ENV) $(DEPLOY_CHALICE) package --stage prod \
-		--merge-template .chalice/merge-template.json build/package
+	$(PACKAGE_ENV) $(DEPLOY_CHALICE) package --stage prod build/package
 	$(BYTECODE) build/package/*.zip
 	$(GATE) --requirements requirements.txt $@
 
@@ -136,8 +135,8 @@ package-onnx-snapstart: $(ONNX_SNAPSTART_PACKAGE)
 # The deployable PyTorch layer, for the same runtime, from PyTorch's CPU wheel
 # index (not reachable from this machine: see README, Deploying).
 $(LAYER): tools/build_layer.py tools/runtime_gate.py $(STAMP) $(DEPLOY_STAMP) | $(PACKAGE)
-	$(BIN)/python -m tools.build_layer --runtime $$(cat $(TOOLCHAIN)/runtime) --output $@ \
-		--function-zip $(PACKAGE)
+	$(BIN)/python -m tools.build_layer --runtime $$(cat $(TOOLCHAIN)/runtime) --python $(TOOLCHAIN)/python \
+		--output $@ --function-zip $(PACKAGE)
 
 layer: $(LAYER)
 
@@ -156,8 +155,7 @@ SIM_LAYER := $(SIMULATION)/pytorch-layer-cp311-simulation-only.zip
 
 $(SIM_PACKAGE): $(STAMP) $(APP_SOURCES) tools/compile_bytecode.py requirements.txt
 	rm -rf $(SIMULATION)/package .chalice/deployments
-	$(PACKAGE_ENV) $(BIN)/chalice package --stage prod --merge-template .chalice/merge-template.json \
-		$(SIMULATION)/package
+	$(PACKAGE_ENV) $(BIN)/chalice package --stage prod $(SIMULATION)/package
 	$(BIN)/python -m tools.compile_bytecode $(SIMULATION)/package/*.zip
 
 $(SIM_LAYER): tools/build_layer.py tools/runtime_gate.py $(STAMP) | $(SIM_PACKAGE)

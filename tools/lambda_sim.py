@@ -55,7 +55,7 @@ from skimage import data as photos
 # Runs inside the simulated sandbox: only the standard library is importable
 # until sys.path is set from argv.
 BOOTSTRAP = r"""
-import json, sys, time
+import json, os, sys, time
 config = json.loads(sys.argv[1])
 sys.path[:0] = config["path"]
 module_name, _, attribute = config["handler"].rpartition(".")
@@ -70,16 +70,26 @@ class Context:
     def get_remaining_time_in_millis(self):
         return 29000
 
-def peak_rss_kib():
-    # The process's own high-water mark; getrusage's ru_maxrss survives exec,
-    # so it would report the (larger) parent that started this process.
+def memory_kib():
+    # VmHWM: the process's own high-water mark (getrusage's ru_maxrss survives
+    # exec, so it would report the larger parent that started this process).
+    # In-memory files (memfd_create: the PyTorch layer's libraries) count
+    # against Lambda's memory whole, mapped or not.
     with open("/proc/self/status") as status:
-        return int(next(line.split()[1] for line in status if line.startswith("VmHWM:")))
+        peak = int(next(line.split()[1] for line in status if line.startswith("VmHWM:")))
+    files = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:"):
+                files += os.fstat(int(fd)).st_size
+        except OSError:  # the listing's own descriptor, closed by now
+            pass
+    return {"peak_rss_kib": peak, "memory_files_kib": files // 1024}
 
 for number, event in enumerate(config["events"]):
     started = time.monotonic()
     response = handler(event, Context(f"sim-{number}"))
-    result = {"response": response, "seconds": time.monotonic() - started, "peak_rss_kib": peak_rss_kib()}
+    result = {"response": response, "seconds": time.monotonic() - started, **memory_kib()}
     print(config["marker"] + json.dumps(result), flush=True)
 """
 
@@ -275,6 +285,9 @@ def simulate(
         "cold_start_seconds": round(run.cold_start, 3),
         "warm_p50_seconds": round(warm[len(warm) // 2], 4) if warm else None,
         "peak_rss_mib": round(model["peak_rss_kib"] / 1024),
+        "memory_files_mib": round(model["memory_files_kib"] / 1024),
+        # An upper bound: the files' pages that are mapped and touched are in the RSS too.
+        "peak_memory_mib": round((model["peak_rss_kib"] + model["memory_files_kib"]) / 1024),
         "tmp_used_mib": round(run.tmp_used / 2**20),
     }
 
@@ -321,6 +334,7 @@ def invoke(
                 "TMPDIR": str(tmp),
                 "LAMBDA_TASK_ROOT": str(task),
                 "AWS_LAMBDA_FUNCTION_NAME": "chalice-classifier-sim",
+                "AWS_LAMBDA_FUNCTION_MEMORY_SIZE": str(function.get("MemorySize", 128)),
                 "AWS_REGION": "us-east-1",
                 "AWS_DEFAULT_REGION": "us-east-1",
                 "AWS_ACCESS_KEY_ID": "sim",
