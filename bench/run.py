@@ -549,9 +549,11 @@ def warm_targets(result: dict[str, Any]) -> list[tuple[str, float, float]]:
 
 
 def cold_targets(result: dict[str, Any]) -> list[tuple[str, float, float]]:
-    # ONNX's bare floor (import onnxruntime, one run) is a fraction of a second, less than
-    # importing boto3 and downloading the archive, so its ratio says little; both are printed.
-    return [("torchscript: cold start / bare floor", result["cold_start"]["torchscript"]["over_floor"], 1.3)]
+    cold = result["cold_start"]
+    return [
+        ("torchscript: cold start / bare floor", cold["torchscript"]["over_floor"], 1.3),
+        ("onnx: cold start / bare floor", cold["onnx"]["over_floor"], 1.5),
+    ]
 
 
 def print_table(result: dict[str, Any]) -> None:
@@ -559,6 +561,7 @@ def print_table(result: dict[str, Any]) -> None:
     measured_warm = "sizes" in result
     if measured_warm:
         print_warm(result)
+        print_against_reference(result)
     if "cold_start" in result:
         print_cold(result)
     print(f"\n{'target':58} {'value':>7} {'limit':>6}")
@@ -592,6 +595,22 @@ def print_warm(result: dict[str, Any]) -> None:
     )
     accuracy = result["accuracy_at_4032x3024"]
     print(f"draft decode at 4032x3024: top-1 unchanged {accuracy['top1_unchanged']} on {accuracy['photos']}")
+
+
+def print_against_reference(result: dict[str, Any]) -> None:
+    """Each e2e p50 beside the reference run's: another run, so context for a change, not a target."""
+    path = RESULTS / "reference.json"
+    reference = json.loads(path.read_text()) if path.is_file() else {}
+    if "sizes" not in reference:
+        return
+    print(f"\ne2e p50 against {path.relative_to(ROOT)} ({reference['when']}):")
+    for size, row in result["sizes"].items():
+        changes = ", ".join(
+            f"{backend} {row[backend]['e2e_p50_ms']:.1f} ms "
+            f"({row[backend]['e2e_p50_ms'] / reference['sizes'][size][backend]['e2e_p50_ms'] - 1:+.0%})"
+            for backend in BACKENDS
+        )
+        print(f"  {size:10} {changes}")
 
 
 def print_cold(result: dict[str, Any]) -> None:
