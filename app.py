@@ -1,4 +1,4 @@
-"""HTTP routes only: parse the request, call chalicelib, shape the JSON.
+"""HTTP routes and the bulk worker's queue handler: parse the event, call chalicelib, shape the answer.
 
 Errors are typed exceptions from chalicelib that already carry their HTTP
 status (see chalicelib/errors.py), so the views hold no try/except. Importing
@@ -12,15 +12,20 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from chalice import Chalice, Response
-from chalice.app import Request
+from chalice.app import Request, SQSEvent
 
 from chalicelib import demo_page, observability, snapstart
-from chalicelib.current import get_holder, get_service, get_settings, settings_or_none
+from chalicelib.current import get_holder, get_service, get_settings, run_bulk_batch, settings_or_none
 from chalicelib.payload import IMAGE_TYPES, JSON_TYPE, parse_invocation
 
 if TYPE_CHECKING:  # the model and the service are imported by the first request (see chalicelib.current)
     from chalicelib.model_holder import LoadedModel
     from chalicelib.service import Outcome
+
+# The queue the bulk worker reads (README: Classify a bucket); its deployed
+# template gives the worker the queue it creates instead (.chalice/merge-template-bulk.json).
+BULK_QUEUE = "chalice-classifier-bulk"
+BULK_BATCH_SIZE = 10
 
 # configure_logs=False: logging is set up once, per request, by observability.
 app = Chalice(app_name="chalice-classifier", configure_logs=False)
@@ -124,3 +129,19 @@ def _model_info(loaded: LoadedModel) -> dict[str, object]:
         "backend": loaded.classifier.backend,
         "loaded_at": loaded.loaded_at.isoformat(timespec="seconds"),
     }
+
+
+@app.on_sqs_message(queue=BULK_QUEUE, batch_size=BULK_BATCH_SIZE, name="bulk_worker")
+def bulk_worker(event: SQSEvent) -> dict[str, list[dict[str, str]]]:
+    """Classify the S3 objects a batch of messages names; answer which messages to deliver again.
+
+    Lambda's SQS mapping (with ReportBatchItemFailures) deletes the others.
+    """
+    context = event.context
+    settings = settings_or_none()
+    level = settings.log_level if settings else observability.DEFAULT_LOG_LEVEL
+    record = observability.begin(context.aws_request_id, "sqs", "SQS", level)
+    messages = [(sqs.to_dict()["messageId"], sqs.body) for sqs in event]
+    retry = run_bulk_batch(messages, context.get_remaining_time_in_millis() / 1000)
+    observability.finish(record, 200, None)
+    return {"batchItemFailures": [{"itemIdentifier": message_id} for message_id in retry]}

@@ -653,7 +653,7 @@ def main() -> None:
     args = parser.parse_args()
     parts = args.part or PARTS
     if args.reference and set(parts) != set(PARTS):
-        parser.error("--reference needs every part: it is the run the README quotes")
+        parser.error("--reference needs every part: it is the run printed beside later ones")
     torch.set_num_threads(1)
     # The app's JSON logs and EMF metrics are part of what a request costs, but
     # not of what this command reports: they go to /dev/null.

@@ -8,7 +8,7 @@ them fast. ``torch`` or ``onnx`` forces one; a forced backend that cannot run
 is a 503 that says why, never a silent fall back to the other.
 
 Backends are imported here and nowhere else, lazily: importing torch costs
-seconds (plus unpacking its layer on Lambda), and the ONNX path must never
+seconds (plus loading its libraries from the layer on Lambda), and the ONNX path must never
 import it at all.
 """
 
@@ -68,7 +68,7 @@ def choose_backend(setting: str, files: ModelFiles) -> Backend:
 
 
 def import_backend(backend: Backend) -> ModuleType:
-    """The backend's module, imported on first use; torch's layer is unpacked first on Lambda."""
+    """The backend's module, imported on first use; on Lambda torch's layer is loaded first."""
     if backend == "torch":
         importlib.import_module("chalicelib.torch_layer")
         try:

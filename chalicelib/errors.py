@@ -16,8 +16,9 @@ and httpx do, so library-style callers can catch ``ValueError`` or
     ├── UpstreamError (ConnectionError)       502  image host failed or answered an error
     ├── UpstreamTimeout (TimeoutError)        504  image host too slow
     ├── ModelUnavailable (RuntimeError)       503  model archive missing, unreadable or invalid
-    │   └── TorchUnavailable                  503  PyTorch cannot be unpacked or imported
+    │   └── TorchUnavailable                  503  PyTorch's layer cannot be loaded or imported
     ├── ConfigurationError (RuntimeError)     503  the environment is set wrongly
+    ├── ObjectUnavailable (LookupError)       404  a bulk input is missing or not ours to read
     └── InternalError (RuntimeError)          500  one batch item hit a bug of ours (logged)
 
 Messages say what was expected and what arrived; they never carry stack
@@ -67,6 +68,12 @@ class TorchUnavailable(ModelUnavailable):
 
 class ConfigurationError(ClassifierError, RuntimeError):
     STATUS_CODE = 503
+
+
+class ObjectUnavailable(ClassifierError, LookupError):
+    """S3's final word on a bulk worker's input; only ever written into its result."""
+
+    STATUS_CODE = 404
 
 
 class InternalError(ClassifierError, RuntimeError):

@@ -188,7 +188,7 @@ class ModelHolder:
     def _load(self, deadline: float) -> LoadedModel:
         # The backend this setting most likely needs is imported in a thread
         # while this one downloads and extracts the archive (import torch
-        # takes seconds, plus unpacking its layer on Lambda), so a cold start
+        # takes seconds, plus loading its layer on Lambda), so a cold start
         # pays for the slower of the two rather than both. A failed or
         # unneeded import here is harmless: loading imports what it needs and
         # reports that failure itself.

@@ -58,7 +58,7 @@ from chalicelib.locations import ArchiveLocation, LocalArchive, S3Archive
 if TYPE_CHECKING:
     import urllib3
 
-    from chalicelib.s3 import S3Reader
+    from chalicelib.s3 import S3Client
 
 logger = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ class ModelStore:
     importing the app or serving a local model must not touch AWS.
     """
 
-    def __init__(self, cache_dir: Path, s3: Callable[[], S3Reader] | None = None) -> None:
+    def __init__(self, cache_dir: Path, s3: Callable[[], S3Client] | None = None) -> None:
         self._cache_dir = cache_dir
         self._s3 = s3 or _reader_from_environment
 
@@ -162,7 +162,7 @@ class ModelStore:
             return _read_model_files(folder, source=str(location), version=version)
 
     def discard(self, files: ModelFiles) -> None:
-        """Delete an extraction that is no longer served: /tmp holds one model beside torch, not two.
+        """Delete an extraction that is no longer served: /tmp holds one model, not two.
 
         Safe once the model is loaded, since both backends read their file into memory.
         """
@@ -257,7 +257,7 @@ class ModelStore:
         location: S3Archive,
         budget: _Budget,
         failure: str,
-        call: Callable[[S3Reader, urllib3.Timeout], Any],
+        call: Callable[[S3Client, urllib3.Timeout], Any],
     ) -> Any:
         """``call`` until S3 answers, at most ``S3_ATTEMPTS`` times, all within the deadline.
 
@@ -294,10 +294,10 @@ class ModelStore:
         raise AssertionError("unreachable: the last attempt returns or raises")
 
 
-def _reader_from_environment() -> S3Reader:
-    from chalicelib.s3 import S3Reader  # noqa: PLC0415 - the S3 path only
+def _reader_from_environment() -> S3Client:
+    from chalicelib.s3 import S3Client  # noqa: PLC0415 - the S3 path only
 
-    return S3Reader.from_environment()
+    return S3Client.from_environment()
 
 
 class _DownloadStream:

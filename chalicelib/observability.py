@@ -34,7 +34,7 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field, fields
@@ -183,6 +183,13 @@ def timer(name: str) -> Iterator[None]:
         yield
     finally:
         count(name, (time.perf_counter() - started) * 1000)
+
+
+def batch_counts(counts: Mapping[str, int]) -> None:
+    """The bulk worker's tally of one batch: a log line, and a metric for each count."""
+    logger.info("batch", extra=dict(counts))
+    for name, value in counts.items():
+        _metric(name, "Count", value, ("worker", "bulk"))
 
 
 def finish(record: RequestRecord, status: int, code: str | None) -> None:

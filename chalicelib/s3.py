@@ -1,19 +1,20 @@
-"""Reading one S3 object without boto3: a SigV4-signed GET or HEAD over urllib3.
+"""S3 objects without boto3: SigV4-signed GET, HEAD and PUT over urllib3.
 
-The model archive is the only thing the function reads from S3, and boto3
-costs a cold start more than the whole of ONNX Runtime's own start here
-(importing botocore and building a client from its service model: about
-130 ms of the ONNX container's cold start). These two signed requests need a
-few dozen lines of the Signature Version 4 algorithm instead, which the
-tests check against moto with authentication on (moto verifies signatures
-with botocore's own signer, and IAM policies).
+The function reads its model archive from S3, and the bulk worker reads
+images and writes results; boto3 would cost a cold start more than the whole
+of ONNX Runtime's own start (importing botocore and building a client from
+its service model: about 130 ms of the ONNX container's cold start). Three
+signed requests need a few dozen lines of the Signature Version 4 algorithm
+instead, which the tests check against moto with authentication on (moto
+verifies signatures with botocore's own signer, and IAM policies).
 
 Where things come from, as boto3 takes them:
 
 - credentials: ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY`` and
   ``AWS_SESSION_TOKEN`` from the environment, which is how Lambda hands a
-  function its role's credentials; anywhere else (a developer's profile,
-  SSO), botocore's own credential chain, imported only then;
+  function its role's credentials; otherwise (SnapStart's credentials
+  endpoint, a developer's profile, SSO) botocore's own credential chain,
+  imported only then;
 - region: ``AWS_REGION`` or ``AWS_DEFAULT_REGION``, else botocore's configuration;
 - endpoint: ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL`` (path-style
   addressing, as S3-compatible stores such as moto expect), else the
@@ -62,15 +63,15 @@ class S3Error(Exception):
 
 
 @dataclass(frozen=True)
-class S3Reader:
-    """GET and HEAD of objects in one region, with one set of credentials."""
+class S3Client:
+    """GET, HEAD and PUT of objects in one region, with one set of credentials."""
 
     region: str
     credentials: Credentials
     endpoint: str | None = None  # None: AWS's own, for the region
 
     @classmethod
-    def from_environment(cls, environ: Mapping[str, str] | None = None) -> S3Reader:
+    def from_environment(cls, environ: Mapping[str, str] | None = None) -> S3Client:
         # os.environ looked up now, not bound as a default: chalice.test.Client
         # replaces the module attribute with a copy for each request.
         environ = os.environ if environ is None else environ
@@ -88,20 +89,43 @@ class S3Reader:
         return self._request("GET", bucket, key, timeout)
 
     def head(self, bucket: str, key: str, timeout: urllib3.Timeout) -> Mapping[str, str]:
-        """The object's headers (ETag, Content-Length) without its body."""
+        """The object's headers (ETag, Content-Length, x-amz-meta-*) without its body."""
         response = self._request("HEAD", bucket, key, timeout)
         response.release_conn()
         return response.headers
 
+    def put(
+        self,
+        bucket: str,
+        key: str,
+        body: bytes,
+        timeout: urllib3.Timeout,
+        headers: Mapping[str, str] | None = None,
+    ) -> str:
+        """Write the object; its new ETag. ``headers`` may carry Content-Type, x-amz-meta-* and a
+        condition (If-None-Match: * to create only, If-Match: an ETag to replace only that
+        version): a condition that fails is an S3Error with status 412."""
+        response = self._request("PUT", bucket, key, timeout, body=body, headers=headers or {})
+        response.release_conn()
+        return response.headers.get("ETag", "")
+
     def _request(
-        self, method: str, bucket: str, key: str, timeout: urllib3.Timeout
+        self,
+        method: str,
+        bucket: str,
+        key: str,
+        timeout: urllib3.Timeout,
+        *,
+        body: bytes = b"",
+        headers: Mapping[str, str] | None = None,
     ) -> urllib3.BaseHTTPResponse:
         url, host, path = self._address(bucket, key)
-        headers = self._signed_headers(method, host, path, datetime.now(UTC))
+        signed = self._signed_headers(method, host, path, datetime.now(UTC), body=body, extra=headers or {})
         response = _pool().request(
             method,
             url,
-            headers=headers,
+            body=body if method == "PUT" else None,
+            headers=signed,
             timeout=timeout,
             retries=False,
             preload_content=False,
@@ -111,9 +135,9 @@ class S3Reader:
             redirect=False,
         )
         if response.status >= 300:
-            body = response.read(64 * 1024) if method != "HEAD" else b""
+            answer = response.read(64 * 1024) if method != "HEAD" else b""
             response.release_conn()
-            found = _ERROR_CODE.search(body)
+            found = _ERROR_CODE.search(answer)
             raise S3Error(response.status, found.group(1).decode() if found else _code_for(response.status))
         return response
 
@@ -131,10 +155,14 @@ class S3Reader:
         path = f"/{quote(bucket, safe='')}{object_path}"
         return f"https://{host}{path}", host, path
 
-    def _signed_headers(self, method: str, host: str, path: str, now: datetime) -> dict[str, str]:
-        """Signature Version 4 (AWS's "Authenticating Requests" for S3), for a request without a body."""
+    def _signed_headers(
+        self, method: str, host: str, path: str, now: datetime, *, body: bytes, extra: Mapping[str, str]
+    ) -> dict[str, str]:
+        """Signature Version 4 (AWS's "Authenticating Requests" for S3), every header signed."""
         stamp, day = now.strftime("%Y%m%dT%H%M%SZ"), now.strftime("%Y%m%d")
-        headers = {"host": host, "x-amz-content-sha256": EMPTY_BODY_SHA256, "x-amz-date": stamp}
+        payload = hashlib.sha256(body).hexdigest() if body else EMPTY_BODY_SHA256
+        headers = {name.lower(): " ".join(value.split()) for name, value in extra.items()}
+        headers |= {"host": host, "x-amz-content-sha256": payload, "x-amz-date": stamp}
         if self.credentials.token:
             headers["x-amz-security-token"] = self.credentials.token
         signed = ";".join(sorted(headers))
@@ -146,7 +174,7 @@ class S3Reader:
                 *(f"{name}:{headers[name]}" for name in sorted(headers)),
                 "",
                 signed,
-                EMPTY_BODY_SHA256,
+                payload,
             ]
         )
         scope = f"{day}/{self.region}/s3/aws4_request"
@@ -167,7 +195,7 @@ class S3Reader:
 
 def _code_for(status: int) -> str:
     """What S3 calls an error it gives no body for (HEAD answers have none)."""
-    return {403: "Forbidden", 404: "NotFound"}.get(status, f"HTTP{status}")
+    return {403: "Forbidden", 404: "NotFound", 412: "PreconditionFailed"}.get(status, f"HTTP{status}")
 
 
 _pools: dict[str, urllib3.PoolManager] = {}
@@ -188,8 +216,13 @@ def forget_connections() -> None:
 
 
 def _from_botocore(region: str | None, access_key: str | None, secret_key: str | None) -> tuple[Any, ...]:
-    """Region and credentials from botocore's configuration chain: for machines other than Lambda."""
-    import botocore.session  # noqa: PLC0415 - only where the environment lacks them (never on Lambda)
+    """Region and credentials from botocore's configuration chain, where the environment has none.
+
+    Lambda hands a function its role's credentials in the environment, except
+    with SnapStart (AWS_CONTAINER_CREDENTIALS_FULL_URI, which botocore reads);
+    elsewhere this is a developer's profile or SSO.
+    """
+    import botocore.session  # noqa: PLC0415 - only where the environment lacks credentials
 
     session = botocore.session.get_session()
     found = session.get_credentials()

@@ -35,6 +35,8 @@ DEFAULT_MAX_DECODE_BYTES = 640 * 1024 * 1024
 # Seconds for downloading and extracting the model; what is left of API
 # Gateway's 29 s goes to loading it into its backend and answering.
 DEFAULT_MODEL_LOAD_DEADLINE = 20.0
+DEFAULT_RESULTS_PREFIX = "results/"
+DEFAULT_RESULTS_TOP_K = 5
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,15 @@ class ModelSettings:
 
 
 @dataclass(frozen=True)
+class BulkSettings:
+    """Where the bulk worker writes one result per input, and how many classes each result lists."""
+
+    results_bucket: str
+    results_prefix: str
+    top_k: int
+
+
+@dataclass(frozen=True)
 class Settings:
     model: ModelSettings
     fetch: FetchLimits
@@ -72,6 +83,7 @@ class Settings:
     body: BodyLimits
     cors: CorsPolicy
     log_level: str
+    bulk: BulkSettings | None  # None: RESULTS_BUCKET unset, no bulk worker here
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str]) -> Settings:
@@ -109,7 +121,20 @@ class Settings:
                 allowed_ports=_ports(environ, "ALLOWED_PORTS"),
                 allow_private=_flag(environ, "ALLOW_PRIVATE_URLS"),
             ),
+            bulk=_bulk(environ),
         )
+
+
+def _bulk(environ: Mapping[str, str]) -> BulkSettings | None:
+    bucket = environ.get("RESULTS_BUCKET", "").strip()
+    if not bucket:
+        return None
+    prefix = environ.get("RESULTS_PREFIX", DEFAULT_RESULTS_PREFIX).strip().lstrip("/")
+    return BulkSettings(
+        results_bucket=bucket,
+        results_prefix=prefix if not prefix or prefix.endswith("/") else prefix + "/",
+        top_k=_positive_int(environ, "RESULTS_TOP_K", DEFAULT_RESULTS_TOP_K),
+    )
 
 
 def _model_location(environ: Mapping[str, str]) -> ArchiveLocation:

@@ -28,7 +28,7 @@ from chalice.test import Client
 from chalicelib.errors import ModelUnavailable
 from chalicelib.locations import LocalArchive, S3Archive
 from chalicelib.model_store import ROOM_HEADROOM_BYTES, STAGING_PREFIX, ModelStore
-from chalicelib.s3 import Credentials, S3Reader
+from chalicelib.s3 import Credentials, S3Client
 from chalicelib.settings import DEMO_ARCHIVE
 from tests.conftest import DEMO_KEY, MODEL_BUCKET
 from tests.support.api import classify, error_of
@@ -56,9 +56,9 @@ def in_a_minute() -> float:
     return time.monotonic() + 60
 
 
-def reader_of(endpoint: str) -> S3Reader:
+def reader_of(endpoint: str) -> S3Client:
     """An S3 reader of another loopback 'S3' than the test session's (which the service finds itself)."""
-    return S3Reader("us-east-1", Credentials("testing", "testing"), endpoint)
+    return S3Client("us-east-1", Credentials("testing", "testing"), endpoint)
 
 
 ABSOLUTE_MEMBER = "/tmp/chalice-classifier-test-absolute-member.txt"
@@ -266,11 +266,11 @@ def test_extraction_is_reused_by_a_later_process_in_the_same_sandbox(
     tmp_path: Path, s3_server: MotoS3Server
 ) -> None:
     demo = S3Archive(bucket=MODEL_BUCKET, key=DEMO_KEY)
-    first = ModelStore(tmp_path, s3=S3Reader.from_environment).fetch(demo, in_a_minute())
+    first = ModelStore(tmp_path, s3=S3Client.from_environment).fetch(demo, in_a_minute())
     first_inode = first.onnx_path.stat().st_ino
     downloads = s3_server.log.count("GET", f"/{MODEL_BUCKET}/{DEMO_KEY}")
 
-    second = ModelStore(tmp_path, s3=S3Reader.from_environment).fetch(demo, in_a_minute())
+    second = ModelStore(tmp_path, s3=S3Client.from_environment).fetch(demo, in_a_minute())
 
     assert second.onnx_path == first.onnx_path
     assert second.onnx_path.stat().st_ino == first_inode
@@ -294,7 +294,7 @@ def test_only_what_the_backend_needs_is_downloaded_and_extracted(
     read_at_most: float,
 ) -> None:
     """The demo archive carries both formats; an ONNX container stops reading after its half."""
-    files = ModelStore(tmp_path, s3=S3Reader.from_environment).fetch(
+    files = ModelStore(tmp_path, s3=S3Client.from_environment).fetch(
         S3Archive(MODEL_BUCKET, DEMO_KEY), in_a_minute(), formats
     )
 
@@ -329,7 +329,7 @@ def test_classes_with_a_byte_order_mark_and_crlf_read_as_plain_text(tmp_path: Pa
     assert files.version.startswith("sha256:")
 
 
-def _no_s3() -> S3Reader:
+def _no_s3() -> S3Client:
     raise AssertionError("a local archive must not touch S3")
 
 
@@ -473,9 +473,9 @@ from pathlib import Path
 from chalicelib.locations import S3Archive
 from chalicelib.model_store import ModelStore
 
-from chalicelib.s3 import Credentials, S3Reader
+from chalicelib.s3 import Credentials, S3Client
 
-reader = S3Reader("us-east-1", Credentials("testing", "testing"), sys.argv[3])
+reader = S3Client("us-east-1", Credentials("testing", "testing"), sys.argv[3])
 store = ModelStore(Path(sys.argv[1]), s3=lambda: reader)
 store.fetch(S3Archive("models", sys.argv[2]), time.monotonic() + 600)
 """
@@ -573,7 +573,7 @@ def test_current_version_gives_the_version_fetch_gets_and_the_archive_size(
 ) -> None:
     archive = tar_gz({"model.pt": b"weights", "classes.txt": _classes()})
     put(s3, "versions/model.tar.gz", archive)
-    store = ModelStore(tmp_path / "cache", s3=S3Reader.from_environment)
+    store = ModelStore(tmp_path / "cache", s3=S3Client.from_environment)
     in_s3 = S3Archive(MODEL_BUCKET, "versions/model.tar.gz")
     local = small_archive(tmp_path)
 

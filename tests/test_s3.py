@@ -20,7 +20,7 @@ import boto3
 import pytest
 import urllib3
 
-from chalicelib.s3 import Credentials, S3Error, S3Reader
+from chalicelib.s3 import Credentials, S3Client, S3Error
 from tests.support.chalice_local import free_port
 
 BUCKET = "signed"
@@ -30,7 +30,7 @@ BODY = b"the archive's bytes"
 ENCODED_KEY, ENCODED_BODY = "encoded.tar.gz", gzip.compress(BODY)
 TIMEOUT = urllib3.Timeout(connect=5, read=5)
 # The requests moto lets through unauthenticated: the setup below, one each.
-SETUP_REQUESTS = 12
+SETUP_REQUESTS = 15
 
 
 def _iam_user(iam: object, name: str, policy: str | None) -> Credentials:
@@ -42,8 +42,9 @@ def _iam_user(iam: object, name: str, policy: str | None) -> Credentials:
 
 
 @pytest.fixture(scope="module")
-def authenticating_s3() -> Iterator[tuple[str, Credentials, Credentials]]:
-    """A moto server that checks signatures and policies, a reader's keys and keys with no permission."""
+def authenticating_s3() -> Iterator[tuple[str, Credentials, Credentials, Credentials]]:
+    """A moto server that checks signatures and policies: a reader's keys, keys with no permission,
+    and a writer's, who may read and write under results/."""
     port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
@@ -66,12 +67,15 @@ def authenticating_s3() -> Iterator[tuple[str, Credentials, Credentials]]:
         )
         reader = _iam_user(iam, "reader", policy)
         nobody = _iam_user(iam, "nobody", None)
+        writer = _iam_user(
+            iam, "writer", policy.replace('"s3:GetObject"', '["s3:GetObject", "s3:PutObject"]')
+        )
         s3 = boto3.client("s3", **setup)
         s3.create_bucket(Bucket=BUCKET)
         for key in KEYS:
             s3.put_object(Bucket=BUCKET, Key=key, Body=BODY)
         s3.put_object(Bucket=BUCKET, Key=ENCODED_KEY, Body=ENCODED_BODY, ContentEncoding="gzip")
-        yield endpoint, reader, nobody
+        yield endpoint, reader, nobody, writer
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -79,10 +83,10 @@ def authenticating_s3() -> Iterator[tuple[str, Credentials, Credentials]]:
 
 @pytest.mark.parametrize("key", KEYS)
 def test_a_signed_get_and_head_read_the_object(
-    authenticating_s3: tuple[str, Credentials, Credentials], key: str
+    authenticating_s3: tuple[str, Credentials, Credentials, Credentials], key: str
 ) -> None:
-    endpoint, reader, _ = authenticating_s3
-    s3 = S3Reader("us-east-1", reader, endpoint)
+    endpoint, reader, *_ = authenticating_s3
+    s3 = S3Client("us-east-1", reader, endpoint)
 
     response = s3.get(BUCKET, key, TIMEOUT)
     body = response.read()
@@ -95,12 +99,12 @@ def test_a_signed_get_and_head_read_the_object(
 
 
 def test_an_object_stored_with_a_content_encoding_is_read_as_stored(
-    authenticating_s3: tuple[str, Credentials, Credentials],
+    authenticating_s3: tuple[str, Credentials, Credentials, Credentials],
 ) -> None:
     """urllib3 would inflate it, and the store would then find no gzip stream to extract."""
-    endpoint, reader, _ = authenticating_s3
+    endpoint, reader, *_ = authenticating_s3
 
-    response = S3Reader("us-east-1", reader, endpoint).get(BUCKET, ENCODED_KEY, TIMEOUT)
+    response = S3Client("us-east-1", reader, endpoint).get(BUCKET, ENCODED_KEY, TIMEOUT)
     body = response.read()
     response.release_conn()
 
@@ -108,31 +112,33 @@ def test_an_object_stored_with_a_content_encoding_is_read_as_stored(
 
 
 def test_a_wrong_secret_is_refused_as_a_bad_signature(
-    authenticating_s3: tuple[str, Credentials, Credentials],
+    authenticating_s3: tuple[str, Credentials, Credentials, Credentials],
 ) -> None:
-    endpoint, reader, _ = authenticating_s3
+    endpoint, reader, *_ = authenticating_s3
     forged = Credentials(reader.access_key, reader.secret_key[::-1])
 
     with pytest.raises(S3Error) as refused:
-        S3Reader("us-east-1", forged, endpoint).get(BUCKET, KEYS[0], TIMEOUT)
+        S3Client("us-east-1", forged, endpoint).get(BUCKET, KEYS[0], TIMEOUT)
 
     assert (refused.value.status, refused.value.code) == (403, "SignatureDoesNotMatch")
 
 
 def test_a_role_without_get_object_is_refused(
-    authenticating_s3: tuple[str, Credentials, Credentials],
+    authenticating_s3: tuple[str, Credentials, Credentials, Credentials],
 ) -> None:
-    endpoint, _, nobody = authenticating_s3
+    endpoint, _, nobody, _ = authenticating_s3
 
     with pytest.raises(S3Error) as refused:
-        S3Reader("us-east-1", nobody, endpoint).get(BUCKET, KEYS[0], TIMEOUT)
+        S3Client("us-east-1", nobody, endpoint).get(BUCKET, KEYS[0], TIMEOUT)
 
     assert (refused.value.status, refused.value.code) == (403, "AccessDenied")
 
 
-def test_a_missing_object_names_its_code(authenticating_s3: tuple[str, Credentials, Credentials]) -> None:
-    endpoint, reader, _ = authenticating_s3
-    s3 = S3Reader("us-east-1", reader, endpoint)
+def test_a_missing_object_names_its_code(
+    authenticating_s3: tuple[str, Credentials, Credentials, Credentials],
+) -> None:
+    endpoint, reader, *_ = authenticating_s3
+    s3 = S3Client("us-east-1", reader, endpoint)
 
     with pytest.raises(S3Error) as missing:
         s3.get(BUCKET, "nothing/here", TIMEOUT)
@@ -152,9 +158,9 @@ def test_the_environment_is_read_as_boto3_reads_it() -> None:
         "AWS_ENDPOINT_URL_S3": "http://127.0.0.1:9/",
     }
 
-    reader = S3Reader.from_environment(environ)
+    reader = S3Client.from_environment(environ)
 
-    assert reader == S3Reader("eu-west-1", Credentials("AKID", "secret", "token"), "http://127.0.0.1:9/")
+    assert reader == S3Client("eu-west-1", Credentials("AKID", "secret", "token"), "http://127.0.0.1:9/")
 
 
 @pytest.mark.parametrize(
@@ -166,6 +172,34 @@ def test_the_environment_is_read_as_boto3_reads_it() -> None:
     ids=["virtual-hosted", "path-style for a dotted name"],
 )
 def test_aws_endpoints_are_virtual_hosted_where_the_bucket_name_allows(bucket: str, url: str) -> None:
-    reader = S3Reader("eu-west-1", Credentials("AKID", "secret"))
+    reader = S3Client("eu-west-1", Credentials("AKID", "secret"))
 
     assert reader._address(bucket, "a/b c.tar.gz")[0] == url
+
+
+def test_a_signed_put_writes_the_object_with_its_metadata_and_conditions(
+    authenticating_s3: tuple[str, Credentials, Credentials, Credentials],
+) -> None:
+    """What the bulk worker writes: a result with metadata, created only if absent, replaced only
+    if unchanged; the reader's keys may not write at all."""
+    endpoint, reader, _, writer = authenticating_s3
+    s3 = S3Client("us-east-1", writer, endpoint)
+    headers = {"Content-Type": "application/json", "x-amz-meta-status": "ok", "If-None-Match": "*"}
+
+    first = s3.put(BUCKET, "results/a b+c.json", b'{"class": "tabby"}', TIMEOUT, headers)
+    with pytest.raises(S3Error) as exists:
+        s3.put(BUCKET, "results/a b+c.json", b"{}", TIMEOUT, headers)
+    with pytest.raises(S3Error) as changed:
+        s3.put(BUCKET, "results/a b+c.json", b"{}", TIMEOUT, {"If-Match": '"not-its-etag"'})
+    replace = {"Content-Type": "application/json", "If-Match": first}
+    second = s3.put(BUCKET, "results/a b+c.json", b'{"class": "tiger"}', TIMEOUT, replace)
+    with pytest.raises(S3Error) as forbidden:
+        S3Client("us-east-1", reader, endpoint).put(BUCKET, "results/x.json", b"{}", TIMEOUT)
+
+    response = s3.get(BUCKET, "results/a b+c.json", TIMEOUT)
+    body = response.read()
+    response.release_conn()
+    assert (exists.value.status, changed.value.status, forbidden.value.status) == (412, 412, 403)
+    assert first != second
+    assert body == b'{"class": "tiger"}'
+    assert response.headers["Content-Type"] == "application/json"

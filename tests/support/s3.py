@@ -19,21 +19,33 @@ from werkzeug.serving import BaseWSGIServer, make_server
 
 
 class RequestLog:
-    """WSGI middleware that records (method, path) of every request."""
+    """WSGI middleware that records (method, path) of every request, and its answer's status."""
 
     def __init__(self, app: Callable[..., Iterable[bytes]]) -> None:
         self._app = app
         self._lock = threading.Lock()
         self.requests: list[tuple[str, str]] = []
+        self.answered: list[tuple[str, str, int]] = []
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        request = (environ["REQUEST_METHOD"], environ["PATH_INFO"])
         with self._lock:
-            self.requests.append((environ["REQUEST_METHOD"], environ["PATH_INFO"]))
-        return self._app(environ, start_response)
+            self.requests.append(request)
+
+        def recording_start_response(status: str, *rest: Any) -> Any:
+            with self._lock:
+                self.answered.append((*request, int(status.split(maxsplit=1)[0])))
+            return start_response(status, *rest)
+
+        return self._app(environ, recording_start_response)
 
     def count(self, method: str, path: str) -> int:
         with self._lock:
             return self.requests.count((method, path))
+
+    def count_answered(self, method: str, path: str, status: int) -> int:
+        with self._lock:
+            return self.answered.count((method, path, status))
 
 
 class MotoS3Server:
