@@ -45,6 +45,7 @@ nothing; on Lambda without SnapStart the hooks are registered and never called.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import random
@@ -108,10 +109,8 @@ def renew_after_restore() -> None:
     numpy_random = sys.modules.get("numpy.random")
     if numpy_random is not None:
         numpy_random.seed()
-    try:
+    with contextlib.suppress(ClassifierError):  # a broken configuration: the first request reports it
         get_holder().check_on_next_request()
-    except ClassifierError:
-        pass  # a broken configuration: the first request reports it
 
 
 def warm_up_input() -> ImageInput:
