@@ -28,7 +28,10 @@ Measured, per image size and per backend where it applies:
   takes over a second and is no part of a cold start);
 - peak RSS of a serving process, and Lambda cost per million requests from
   the mean billed duration (Lambda bills each request by the millisecond,
-  rounded up), not from the p50.
+  rounded up), not from the p50;
+- bulk: images per second through one bulk worker (the SQS handler, images
+  in moto S3, one result written per image) at batch sizes 1 and 10, beside
+  the HTTP path's on the same images, and what 1,000 images cost at that rate.
 """
 
 from __future__ import annotations
@@ -54,11 +57,11 @@ from pathlib import Path
 from typing import Any
 
 import boto3
+import botocore.exceptions
 import numpy
 import onnxruntime
 import requests
 import torch
-from moto.server import ThreadedMotoServer
 from PIL import Image
 from skimage import data as photos
 from torchvision import transforms
@@ -69,6 +72,7 @@ from chalicelib.imaging import INTERPOLATIONS, to_model_input
 from chalicelib.model_holder import LoadedModel
 from chalicelib.model_store import parse_classes
 from chalicelib.prediction import softmax
+from tests.support.chalice_local import free_port
 from tools.lambda_sim import image_host, proxy_event
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -81,8 +85,14 @@ PRICE_PER_GB_SECOND = 0.0000166667
 PRICE_PER_MILLION_REQUESTS = 0.20
 # Reported name -> MODEL_BACKEND value.
 BACKENDS = {"torchscript": "torch", "onnx": "onnx"}
-# "warm": everything measured in this process; "cold-start": fresh processes.
-PARTS = ("warm", "cold-start")
+# "warm": everything measured in this process; "cold-start": fresh processes;
+# "bulk": the bulk worker's throughput.
+PARTS = ("warm", "cold-start", "bulk")
+BULK_BATCH_SIZES = (1, 10)
+# Beyond Lambda's duration: per 1,000 images, S3 (a HEAD, a GET and a PUT
+# each) and SQS (a send, a receive and a delete per message, ten to a call).
+S3_COST_PER_1000_IMAGES = 1000 * (2 * 0.0004 + 0.005) / 1000
+SQS_COST_PER_1000_IMAGES = 3 * 100 * 0.40 / 1e6
 
 
 def percentile(samples: Sequence[float], fraction: float) -> float:
@@ -125,17 +135,26 @@ def jpeg_of(name: str, size: tuple[int, int]) -> bytes:
 
 @contextmanager
 def loopback_s3() -> Iterator[str]:
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    s3 = boto3.client("s3", endpoint_url=endpoint)
-    s3.create_bucket(Bucket="bench")
-    s3.put_object(Bucket="bench", Key="model.tar.gz", Body=DEMO_MODEL.read_bytes())
+    """moto's S3 and SQS in a process of its own, so that serving them takes no time from ours."""
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    endpoint = f"http://127.0.0.1:{port}"
     try:
+        s3 = boto3.client("s3", endpoint_url=endpoint)
+        for _ in range(300):
+            try:
+                s3.create_bucket(Bucket="bench")
+                break
+            except botocore.exceptions.EndpointConnectionError:
+                time.sleep(0.1)
+        s3.put_object(Bucket="bench", Key="model.tar.gz", Body=DEMO_MODEL.read_bytes())
         yield endpoint
     finally:
-        server.stop()
+        server.terminate()
+        server.wait(timeout=30)
 
 
 @contextmanager
@@ -318,6 +337,83 @@ def cold_start(urls: dict[str, str], rounds: int, backend: str) -> dict[str, flo
     }
 
 
+BULK_IMAGES_PER_SIZE = 20
+
+
+def bulk_throughput(images: dict[str, bytes], urls: dict[str, str], rounds: int) -> dict[str, Any]:
+    """Images per second through one worker, per batch size, and through the HTTP path, same images.
+
+    Each round writes its results under a prefix of its own, so no image is
+    skipped as already classified.
+    """
+    from app import bulk_worker  # noqa: PLC0415 - after the environment is set, as Lambda would
+
+    s3 = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL_S3"])
+    s3.create_bucket(Bucket="bench-bulk")
+    keys = {size: [f"in/{size}/{n:03}.jpg" for n in range(BULK_IMAGES_PER_SIZE)] for size in SIZES}
+    for size, names in keys.items():
+        for key in names:
+            s3.put_object(Bucket="bench-bulk", Key=key, Body=images[size])
+    os.environ["RESULTS_BUCKET"] = "bench-bulk"
+    handler = Lambda()
+    rates: dict[str, dict[str, dict[str, list[float]]]] = {}
+    for backend in BACKENDS:
+        use_backend(backend)
+        handler.classify(urls["640x480"])  # the model is loaded before anything is timed
+        rates[backend] = {size: {} for size in SIZES}
+        for number in range(rounds):
+            for size, names in keys.items():
+                rate = rates[backend][size]
+                rate.setdefault("http", []).append(
+                    len(names) / sum(timed(lambda s=size: handler.classify(urls[s]), len(names), warm_up=1))
+                )
+                for batch_size in BULK_BATCH_SIZES:
+                    os.environ["RESULTS_PREFIX"] = f"results/{backend}/{number}/{batch_size}/"
+                    started = time.perf_counter()
+                    for start in range(0, len(names), batch_size):
+                        run_bulk_batch(bulk_worker, names[start : start + batch_size])
+                    rate.setdefault(f"batch_{batch_size}", []).append(
+                        len(names) / (time.perf_counter() - started)
+                    )
+    memory_mb = json.loads((ROOT / ".chalice" / "config.json").read_text())["stages"]["prod"][
+        "lambda_memory_size"
+    ]
+    return {
+        backend: {
+            size: {
+                **{f"{path}_images_per_s": p50(samples) for path, samples in by_path.items()},
+                "cost_per_1000_images_usd": bulk_cost_per_1000(
+                    p50(by_path[f"batch_{BULK_BATCH_SIZES[-1]}"]), memory_mb
+                ),
+            }
+            for size, by_path in by_size.items()
+        }
+        for backend, by_size in rates.items()
+    }
+
+
+def run_bulk_batch(bulk_worker: Callable[..., dict[str, Any]], names: Sequence[str]) -> None:
+    records = [
+        {
+            "messageId": str(n),
+            "receiptHandle": str(n),
+            "body": json.dumps({"bucket": "bench-bulk", "key": key}),
+        }
+        for n, key in enumerate(names)
+    ]
+    answer = bulk_worker({"Records": records}, Lambda.Context())
+    if answer["batchItemFailures"]:
+        raise RuntimeError(f"the bulk worker asked for {answer['batchItemFailures']} again")
+
+
+def bulk_cost_per_1000(images_per_s: float, memory_mb: int) -> float:
+    """USD for 1,000 images at this rate: Lambda's duration and requests, S3 and SQS."""
+    lambda_seconds = 1000 / images_per_s
+    duration = memory_mb / 1024 * lambda_seconds * PRICE_PER_GB_SECOND
+    invocations = 1000 / BULK_BATCH_SIZES[-1] * PRICE_PER_MILLION_REQUESTS / 1e6
+    return duration + invocations + S3_COST_PER_1000_IMAGES + SQS_COST_PER_1000_IMAGES
+
+
 def use_backend(backend: str) -> None:
     """Switch the app's backend; the next request builds a service for it (a warm-up does)."""
     os.environ["MODEL_BACKEND"] = BACKENDS[backend]
@@ -354,6 +450,8 @@ def run(parts: Sequence[str], rounds: int, requests_per_size: int, naive_per_siz
             result |= warm(images, urls, rounds, requests_per_size, naive_per_size)
         if "cold-start" in parts:
             result["cold_start"] = {backend: cold_start(urls, rounds, backend) for backend in BACKENDS}
+        if "bulk" in parts:
+            result["bulk"] = bulk_throughput(images, urls, rounds)
     return result
 
 
@@ -564,6 +662,8 @@ def print_table(result: dict[str, Any]) -> None:
         print_against_reference(result)
     if "cold_start" in result:
         print_cold(result)
+    if "bulk" in result:
+        print_bulk(result)
     print(f"\n{'target':58} {'value':>7} {'limit':>6}")
     for name, value, limit, met in targets(result):
         print(f"{name:58} {value:7.3f} {limit:6.2f}  {'met' if met else 'MISSED'}")
@@ -611,6 +711,16 @@ def print_against_reference(result: dict[str, Any]) -> None:
             for backend in BACKENDS
         )
         print(f"  {size:10} {changes}")
+
+
+def print_bulk(result: dict[str, Any]) -> None:
+    print(f"\nbulk worker, images/s per worker ({BULK_IMAGES_PER_SIZE} images per size and round):")
+    print(f"{'size':10} {'backend':12} {'HTTP':>7} {'batch 1':>8} {'batch 10':>9} {'$/1000':>7}")
+    for backend, by_size in result["bulk"].items():
+        for size, rates in by_size.items():
+            http, one, ten = (rates[f"{path}_images_per_s"] for path in ("http", "batch_1", "batch_10"))
+            cost = rates["cost_per_1000_images_usd"]
+            print(f"{size:10} {backend:12} {http:7.1f} {one:8.1f} {ten:9.1f} {cost:7.4f}")
 
 
 def print_cold(result: dict[str, Any]) -> None:

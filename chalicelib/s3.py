@@ -198,13 +198,15 @@ def _code_for(status: int) -> str:
     return {403: "Forbidden", 404: "NotFound", 412: "PreconditionFailed"}.get(status, f"HTTP{status}")
 
 
+# Connections kept per host: the bulk worker reads and writes ten objects side by side.
+POOL_SIZE = 10
 _pools: dict[str, urllib3.PoolManager] = {}
 
 
 def _pool() -> urllib3.PoolManager:
-    """One connection pool per process: a model load makes a few requests to one host."""
+    """One connection pool per process: a model load and a bulk batch each talk to a host or two."""
     if "pool" not in _pools:
-        _pools["pool"] = urllib3.PoolManager(num_pools=2, maxsize=2, ca_certs=certifi.where())
+        _pools["pool"] = urllib3.PoolManager(num_pools=4, maxsize=POOL_SIZE, ca_certs=certifi.where())
     return _pools["pool"]
 
 
