@@ -87,6 +87,10 @@ $(DEPLOY_STAMP): requirements.txt requirements-deploy.txt $(TOOLCHAIN)/choice \
 # fetches Lambda (manylinux) wheels from PyPI, so it runs here, outside the
 # isolated network the tests use.
 PACKAGE := build/package/deployment.zip
+# The bulk worker's queue, dead-letter queue, permissions and event source mapping
+# (README: Classify a bucket), merged into every stage's template: Chalice packages
+# every handler of app.py, the worker included, into each stage.
+BULK_MERGE := .chalice/merge-template-bulk.json
 ONNX_PROJECT := build/onnx-project
 ONNX_PACKAGE := build/package-onnx/deployment.zip
 LAYER := build/layer/pytorch-layer.zip
@@ -94,7 +98,7 @@ PACKAGE_ENV := AWS_DEFAULT_REGION=us-east-1
 
 $(PACKAGE): $(DEPLOY_STAMP) $(APP_SOURCES) $(PACKAGING_TOOLS) requirements.txt
 	rm -rf build/package .chalice/deployments
-	$(PACKAGE_ENV) $(DEPLOY_CHALICE) package --stage prod build/package
+	$(PACKAGE_ENV) $(DEPLOY_CHALICE) package --stage prod --merge-template $(CURDIR)/$(BULK_MERGE) build/package
 	$(BYTECODE) build/package/*.zip
 	$(GATE) --requirements requirements.txt $@
 
@@ -110,7 +114,7 @@ $(ONNX_PACKAGE): $(DEPLOY_STAMP) $(APP_SOURCES) $(PACKAGING_TOOLS) requirements.
 	cp .chalice/config.json .chalice/policy-prod.json $(ONNX_PROJECT)/.chalice/
 	cat requirements.txt requirements-onnx.txt > $(ONNX_PROJECT)/requirements.txt
 	cd $(ONNX_PROJECT) && PIP_NO_DEPS=1 $(PACKAGE_ENV) $(DEPLOY_CHALICE) package --stage onnx \
-		$(CURDIR)/build/package-onnx
+		--merge-template $(CURDIR)/$(BULK_MERGE) $(CURDIR)/build/package-onnx
 	$(BYTECODE) build/package-onnx/*.zip
 	$(GATE) --requirements $(ONNX_PROJECT)/requirements.txt $@ build/package-onnx/layer-deployment.zip
 
@@ -123,10 +127,15 @@ package-onnx: $(ONNX_PACKAGE)
 ONNX_SNAPSTART_DIR := build/package-onnx-snapstart
 ONNX_SNAPSTART_PACKAGE := $(ONNX_SNAPSTART_DIR)/deployment.zip
 
-$(ONNX_SNAPSTART_PACKAGE): $(ONNX_PACKAGE) .chalice/merge-template-snapstart.json
+ONNX_SNAPSTART_MERGE := $(ONNX_PROJECT)/merge-template-onnx-snapstart.json
+
+$(ONNX_SNAPSTART_PACKAGE): $(ONNX_PACKAGE) .chalice/merge-template-snapstart.json $(BULK_MERGE) \
+		tools/merge_templates.py
 	rm -rf $(ONNX_SNAPSTART_DIR)
+	$(DEPLOY_PY) -m tools.merge_templates .chalice/merge-template-snapstart.json $(BULK_MERGE) \
+		--output $(ONNX_SNAPSTART_MERGE)
 	cd $(ONNX_PROJECT) && PIP_NO_DEPS=1 $(PACKAGE_ENV) $(DEPLOY_CHALICE) package --stage onnx \
-		--merge-template $(CURDIR)/.chalice/merge-template-snapstart.json $(CURDIR)/$(ONNX_SNAPSTART_DIR)
+		--merge-template $(CURDIR)/$(ONNX_SNAPSTART_MERGE) $(CURDIR)/$(ONNX_SNAPSTART_DIR)
 	$(BYTECODE) $(ONNX_SNAPSTART_DIR)/*.zip
 	$(GATE) --requirements $(ONNX_PROJECT)/requirements.txt $@ $(ONNX_SNAPSTART_DIR)/layer-deployment.zip
 
@@ -169,12 +178,15 @@ lambda-sim: $(ONNX_PACKAGE) $(ONNX_SNAPSTART_PACKAGE) $(SIM_PACKAGE) $(SIM_LAYER
 		--package $(SIMULATION)/package --layer $(SIM_LAYER)
 	tools/isolated_network.sh $(BIN)/python -m tools.snapstart_sim --python $(TOOLCHAIN)/python \
 		--package $(ONNX_SNAPSTART_DIR) --layer $(ONNX_SNAPSTART_DIR)/layer-deployment.zip
+	tools/isolated_network.sh $(BIN)/python -m tools.lambda_sim --function BulkWorker --python $(TOOLCHAIN)/python \
+		--package build/package-onnx --layer build/package-onnx/layer-deployment.zip
 
 # --- Deploying through CloudFormation ----------------------------------------------
 # From any machine: the packaged template and its zips go through S3, which
 # also lifts the 50 MB direct-upload limit. STAGE=onnx (default), onnx-snapstart or prod;
-# ARTIFACT_BUCKET is an S3 bucket of yours for the zips. `make deploy-artifacts`
-# is the upload alone (it writes build/<stage>/packaged.yaml).
+# ARTIFACT_BUCKET is an S3 bucket of yours for the zips; PARAMETERS the stack's
+# parameters (the bulk worker's buckets and prefixes: README, Classify a bucket).
+# `make deploy-artifacts` is the upload alone (it writes build/<stage>/packaged.yaml).
 STAGE ?= onnx
 STAGE_DIR := $(if $(filter prod,$(STAGE)),build/package,build/package-$(STAGE))
 STACK ?= chalice-classifier-$(STAGE)
@@ -190,7 +202,7 @@ deploy-artifacts:
 deploy: $(STAGE_DIR)/deployment.zip
 	$(MAKE) --no-print-directory deploy-artifacts
 	$(AWS) cloudformation deploy --template-file $(STAGE_DIR)/packaged.yaml --stack-name $(STACK) \
-		--capabilities CAPABILITY_IAM
+		--capabilities CAPABILITY_IAM $(if $(PARAMETERS),--parameter-overrides $(PARAMETERS))
 
 bench: $(STAMP) $(DEMO_MODEL)
 	tools/isolated_network.sh $(BIN)/python -m bench.run $(BENCH_ARGS)

@@ -22,8 +22,9 @@ if TYPE_CHECKING:  # the model and the service are imported by the first request
     from chalicelib.model_holder import LoadedModel
     from chalicelib.service import Outcome
 
-# The queue the bulk worker reads (README: Classify a bucket); its deployed
-# template gives the worker the queue it creates instead (.chalice/merge-template-bulk.json).
+# The queue the bulk worker reads (README: Classify a bucket). The deployed
+# template gives the worker the queue it creates instead, and sets the
+# batching window and the maximum concurrency (.chalice/merge-template-bulk.json).
 BULK_QUEUE = "chalice-classifier-bulk"
 BULK_BATCH_SIZE = 10
 

@@ -390,7 +390,10 @@ def _transient_or(error: S3Error, doing: str) -> Exception:
     if error.status == 404:
         return ObjectUnavailable(f"The object does not exist (S3: {error.code}).")
     if error.status == 403:
-        return ObjectUnavailable(f"The worker may not read the object (S3: {error.code}).")
+        # Without s3:ListBucket on the input bucket, a deleted input is a 403 too.
+        return ObjectUnavailable(
+            f"S3 refused the object (S3: {error.code}): it does not exist, or the worker may not read it."
+        )
     return ObjectUnavailable(f"S3 refused to read the object (S3: {error}).")
 
 

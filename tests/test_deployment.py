@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tools.lambda_sim import Interpreter, invoke, proxy_event, simulate
+from tools.lambda_sim import Interpreter, function_properties, invoke, proxy_event, simulate
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "build" / "package"
@@ -43,11 +43,8 @@ def template(package: Path = PACKAGE) -> dict[str, Any]:
 
 
 def function_of(package: Path) -> dict[str, Any]:
-    return next(
-        r["Properties"]
-        for r in template(package)["Resources"].values()
-        if r["Type"] == "AWS::Serverless::Function"
-    )
+    """The API's function (the package's other one is the bulk worker: tests/test_bulk_deployment.py)."""
+    return function_properties(template(package))
 
 
 def unzipped_size(archive: Path) -> int:

@@ -14,12 +14,26 @@ artefacts are complete:
 3. it imports the handler named in ``sam.json`` and invokes it with API
    Gateway proxy events (the shape of the fast.ai tutorial's ``event.json``)
    for ``POST /invocations``, against moto S3 and an image on loopback, then
-   asks ``GET /model`` which backend served.
+   asks ``GET /model`` which backend served;
+4. or, with ``--function BulkWorker``, it runs the bulk worker the way the
+   template deploys it (``simulate_bulk``): the queue and its dead-letter
+   queue made in moto with the template's settings, the input bucket's
+   notification put from the template's ``BulkNotificationConfiguration``
+   output, photos (and a corrupt image) uploaded under the input prefix so
+   that moto's S3 queues an event for each, then what Lambda's SQS mapping
+   does: receive batches of the mapping's ``BatchSize``, invoke the handler
+   with SQS events, delete the messages its ``batchItemFailures`` does not
+   name. It reports the result objects written.
 
 Anything the handler needs that the package or the layer lacks makes the
 import or the request fail, and the simulation with it. It prints one JSON
-line: which interpreter ran it, the responses, the cold start (process start
-to first response), the warm latencies, the peak RSS and the /tmp used.
+line: which interpreter ran it, the responses (for the worker: each batch's
+``batchItemFailures`` and the results), the cold start (process start to
+first response), the warm latencies, the peak RSS and the /tmp used.
+
+The template's parameters (the worker's buckets and prefixes) take the
+values of ``SIM_PARAMETERS``; ``resolve`` fills in what CloudFormation
+would (``Ref``, ``Fn::GetAtt``, ``Fn::Sub``).
 
 A layer built with ``--simulation-only`` (the cp311 torch layer: it cannot
 load on Lambda's python3.11) makes the run a code-path simulation, and the
@@ -35,6 +49,7 @@ import http.server
 import io
 import json
 import logging
+import re
 import shlex
 import subprocess
 import sys
@@ -46,6 +61,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import boto3
 from moto.server import ThreadedMotoServer
@@ -67,8 +83,9 @@ class Context:
     invoked_function_arn = "arn:aws:lambda:us-east-1:123456789012:function:chalice-classifier-sim"
     def __init__(self, request_id):
         self.aws_request_id = request_id
+        self._ends = time.monotonic() + config["timeout_seconds"]
     def get_remaining_time_in_millis(self):
-        return 29000
+        return max(int((self._ends - time.monotonic()) * 1000), 0)
 
 def memory_kib():
     # VmHWM: the process's own high-water mark (getrusage's ru_maxrss survives
@@ -112,6 +129,29 @@ RESULT_MARKER = "SIM-RESULT "
 # the zips do not carry compiled (tools/compile_bytecode.py).
 SANDBOX_FLAGS = ("-I", "-S", "-B")
 RUNTIME_PACKAGES = ("boto3", "botocore", "s3transfer", "jmespath", "dateutil", "six.py", "urllib3")
+# The template's functions, by the logical ids Chalice gives them.
+API_FUNCTION = "APIHandler"
+BULK_FUNCTION = "BulkWorker"
+SIM_MODEL_BUCKET = "sim-models"
+SIM_MODEL_KEY = "model.tar.gz"
+# What a deployer passes as the template's parameters, and what CloudFormation itself would fill in.
+SIM_PARAMETERS = {
+    "InputBucket": "sim-inputs",
+    "InputPrefix": "photos/",
+    "ResultsBucket": "sim-results",
+    "ResultsPrefix": "results/",
+}
+PSEUDO_PARAMETERS = {
+    "AWS::Partition": "aws",
+    "AWS::Region": "us-east-1",
+    "AWS::AccountId": "123456789012",
+    "AWS::StackName": "chalice-classifier-sim",
+    "AWS::URLSuffix": "amazonaws.com",
+}
+# The longest a simulated function may run, all its events together, before it is killed.
+SIM_TIMEOUT_S = 300.0
+SUB_VARIABLE = re.compile(r"\$\{([^}]+)\}")
+CORRUPT_JPEG = b"\xff\xd8\xff\xe0 a JPEG's first bytes, and then nothing of the kind"
 
 
 @dataclass(frozen=True)
@@ -226,16 +266,17 @@ def s3_with_model(model_archive: Path) -> Iterator[str]:
             "s3", endpoint_url=endpoint, region_name="us-east-1",
             aws_access_key_id="sim", aws_secret_access_key="sim",
         )  # fmt: skip
-        s3.create_bucket(Bucket="sim-models")
-        s3.put_object(Bucket="sim-models", Key="model.tar.gz", Body=model_archive.read_bytes())
+        s3.create_bucket(Bucket=SIM_MODEL_BUCKET)
+        s3.put_object(Bucket=SIM_MODEL_BUCKET, Key=SIM_MODEL_KEY, Body=model_archive.read_bytes())
         yield endpoint
     finally:
         server.stop()
 
 
-def photo_jpeg() -> bytes:
+def photo_jpeg(name: str = "coffee") -> bytes:
+    """One of scikit-image's photos as a JPEG: by default the coffee cup the demo model calls espresso."""
     buffer = io.BytesIO()
-    Image.fromarray(photos.coffee()).save(buffer, "JPEG", quality=92)
+    Image.fromarray(getattr(photos, name)()).save(buffer, "JPEG", quality=92)
     return buffer.getvalue()
 
 
@@ -309,14 +350,30 @@ def invoke(
     *,
     environment: Mapping[str, str] | None = None,
 ) -> Run:
-    """Start the function cold in a fresh sandbox and send it ``events_for(image_url)``, in order.
+    """Start the API function cold in a fresh sandbox and send it ``events_for(image_url)``, in order.
 
     ``environment`` is laid over the function's own (its stage's variables and Lambda's).
     """
+    with s3_with_model(model_archive) as endpoint, image_host(photo_jpeg()) as image_url:
+        return run_function(
+            package_dir, layers, interpreter, events_for(image_url), endpoint, environment=environment
+        )
+
+
+def run_function(
+    package_dir: Path,
+    layers: Sequence[Path],
+    interpreter: Interpreter,
+    events: list[dict[str, object]],
+    s3_endpoint: str,
+    *,
+    function: str = API_FUNCTION,
+    environment: Mapping[str, str] | None = None,
+) -> Run:
+    """Start the template's ``function`` cold in a fresh sandbox, against the S3 at ``s3_endpoint``
+    (holding the model as ``s3_with_model`` puts it), and send it ``events`` in order."""
     template = json.loads((package_dir / "sam.json").read_text())
-    function = next(
-        r["Properties"] for r in template["Resources"].values() if r["Type"] == "AWS::Serverless::Function"
-    )
+    properties = function_properties(template, function)
     with tempfile.TemporaryDirectory(prefix="lambda-sim-") as scratch:
         root = Path(scratch)
         task, opt, home, tmp = (root / name for name in ("var-task", "opt", "home", "tmp"))
@@ -326,60 +383,284 @@ def invoke(
         for layer in layers:
             unzip(layer, opt)
         runtime = lambda_runtime_dir(root)
-        with s3_with_model(model_archive) as endpoint, image_host(photo_jpeg()) as image_url:
-            function_environment = {
-                **function.get("Environment", {}).get("Variables", {}),
-                "PATH": "/usr/bin:/bin",
-                "HOME": str(home),
-                "TMPDIR": str(tmp),
-                "LAMBDA_TASK_ROOT": str(task),
-                "AWS_LAMBDA_FUNCTION_NAME": "chalice-classifier-sim",
-                "AWS_LAMBDA_FUNCTION_MEMORY_SIZE": str(function.get("MemorySize", 128)),
-                "AWS_REGION": "us-east-1",
-                "AWS_DEFAULT_REGION": "us-east-1",
-                "AWS_ACCESS_KEY_ID": "sim",
-                "AWS_SECRET_ACCESS_KEY": "sim",
-                "AWS_EC2_METADATA_DISABLED": "true",
-                "AWS_ENDPOINT_URL_S3": endpoint,
-                "MODEL_BUCKET": "sim-models",
-                "MODEL_KEY": "model.tar.gz",
-                "PYTORCH_LAYER_DIR": str(opt / "pytorch"),
-                # The image is served from loopback, which production refuses.
-                "ALLOW_PRIVATE_URLS": "true",
-                "ALLOWED_PORTS": "*",
-                **(environment or {}),
-            }
-            # Lambda's own order: the function, then the layers' two folders, then the runtime.
-            layer_site = opt / interpreter.layer_site_packages
-            config = {
-                "path": [str(task), str(layer_site), str(opt / "python"), str(runtime)],
-                "handler": function["Handler"],
-                "marker": RESULT_MARKER,
-                "events": events_for(image_url),
-            }
-            started = time.monotonic()
-            child = subprocess.Popen(
-                [*interpreter.command, *SANDBOX_FLAGS, "-c", BOOTSTRAP, json.dumps(config)],
-                cwd=task, env=function_environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            )  # fmt: skip
-            assert child.stdout is not None
-            # The function logs JSON to stdout as on Lambda; results carry a marker.
-            printed = []
-            for line in iter(child.stdout.readline, ""):
-                printed.append(line)
-                if line.startswith(RESULT_MARKER):
-                    break
-            cold_start = time.monotonic() - started
-            rest, stderr = child.communicate(timeout=120)
-            printed += rest.splitlines(keepends=True)
+        function_environment = {
+            **resolve(properties.get("Environment", {}).get("Variables", {}), template_names()),
+            "PATH": "/usr/bin:/bin",
+            "HOME": str(home),
+            "TMPDIR": str(tmp),
+            "LAMBDA_TASK_ROOT": str(task),
+            "AWS_LAMBDA_FUNCTION_NAME": "chalice-classifier-sim",
+            "AWS_LAMBDA_FUNCTION_MEMORY_SIZE": str(properties.get("MemorySize", 128)),
+            "AWS_REGION": "us-east-1",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ACCESS_KEY_ID": "sim",
+            "AWS_SECRET_ACCESS_KEY": "sim",
+            "AWS_EC2_METADATA_DISABLED": "true",
+            "AWS_ENDPOINT_URL_S3": s3_endpoint,
+            "MODEL_BUCKET": SIM_MODEL_BUCKET,
+            "MODEL_KEY": SIM_MODEL_KEY,
+            "PYTORCH_LAYER_DIR": str(opt / "pytorch"),
+            # The image is served from loopback, which production refuses.
+            "ALLOW_PRIVATE_URLS": "true",
+            "ALLOWED_PORTS": "*",
+            **(environment or {}),
+        }
+        # Lambda's own order: the function, then the layers' two folders, then the runtime.
+        layer_site = opt / interpreter.layer_site_packages
+        config = {
+            "path": [str(task), str(layer_site), str(opt / "python"), str(runtime)],
+            "handler": properties["Handler"],
+            "timeout_seconds": properties.get("Timeout", 3),
+            "marker": RESULT_MARKER,
+            "events": events,
+        }
+        started = time.monotonic()
+        child = subprocess.Popen(
+            [*interpreter.command, *SANDBOX_FLAGS, "-c", BOOTSTRAP, json.dumps(config)],
+            cwd=task, env=function_environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        printed, cold_start, stderr = collect_output(child, started, SIM_TIMEOUT_S)
         tmp_used = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
     results = [
         json.loads(line.removeprefix(RESULT_MARKER)) for line in printed if line.startswith(RESULT_MARKER)
     ]
-    if child.returncode != 0 or not results:
+    if child.returncode != 0 or cold_start is None:
         raise SystemExit(f"the simulated function failed (exit {child.returncode}):\n{stderr[-4000:]}")
     log = [line.rstrip("\n") for line in printed if not line.startswith(RESULT_MARKER)]
     return Run(results=results, cold_start=cold_start, tmp_used=tmp_used, log=log)
+
+
+def collect_output(
+    child: subprocess.Popen[str], started: float, timeout: float
+) -> tuple[list[str], float | None, str]:
+    """What ``child`` prints on stdout, line by line (the function's logs, and its results with
+    their marker), the seconds from ``started`` to its first result (None without one), and its stderr.
+
+    Both pipes are read to their end as the child writes (stderr on a thread of its own, so that
+    neither can fill up and stall it), and a child still running after ``timeout`` seconds is
+    killed: a simulation reports a hung function, it does not hang with it.
+    """
+    assert child.stdout is not None
+    assert child.stderr is not None
+    errors: list[str] = []
+    drain = threading.Thread(target=lambda: errors.extend(child.stderr), daemon=True)
+    timed_out = threading.Event()
+
+    def stop() -> None:
+        timed_out.set()
+        child.kill()
+
+    watchdog = threading.Timer(timeout, stop)
+    drain.start()
+    watchdog.start()
+    printed, first_result = [], None
+    try:
+        for line in child.stdout:
+            printed.append(line)
+            if first_result is None and line.startswith(RESULT_MARKER):
+                first_result = time.monotonic() - started
+        child.wait()
+    finally:
+        watchdog.cancel()
+    drain.join()
+    if timed_out.is_set():
+        raise SystemExit(f"the simulated function was still running after {timeout:g} s, and was stopped")
+    return printed, first_result, "".join(errors)
+
+
+def function_properties(template: Mapping[str, Any], logical_id: str = API_FUNCTION) -> dict[str, Any]:
+    """The properties of the template's function ``logical_id`` (Chalice's names: APIHandler, BulkWorker)."""
+    resource = template["Resources"].get(logical_id)
+    if resource is None or resource["Type"] != "AWS::Serverless::Function":
+        raise SystemExit(f"the template has no function {logical_id!r}")
+    return resource["Properties"]
+
+
+def template_names(**attributes: str) -> dict[str, str]:
+    """What ``resolve`` may fill in: the simulation's parameters, pseudo parameters, and ``attributes``
+    (``{"BulkQueue.Arn": ...}``: resources this simulation made)."""
+    return {**PSEUDO_PARAMETERS, **SIM_PARAMETERS, **attributes}
+
+
+def resolve(value: Any, names: Mapping[str, str]) -> Any:
+    """``value`` with ``Ref``, ``Fn::GetAtt`` and ``Fn::Sub`` (its one-string form) filled in from ``names``,
+    as CloudFormation does on deployment; a name without a value is an error."""
+    if isinstance(value, list):
+        return [resolve(item, names) for item in value]
+    if not isinstance(value, dict):
+        return value
+    if value.keys() == {"Ref"}:
+        return _named(names, value["Ref"])
+    if value.keys() == {"Fn::GetAtt"}:
+        return _named(names, ".".join(value["Fn::GetAtt"]))
+    if value.keys() == {"Fn::Sub"} and isinstance(value["Fn::Sub"], str):
+        return SUB_VARIABLE.sub(lambda variable: _named(names, variable[1]), value["Fn::Sub"])
+    return {key: resolve(item, names) for key, item in value.items()}
+
+
+def _named(names: Mapping[str, str], name: str) -> str:
+    if name not in names:
+        raise ValueError(f"{name!r} has no value in this simulation")
+    return names[name]
+
+
+def bulk_images() -> dict[str, bytes]:
+    """Real photos, and one file that only claims to be a JPEG, under the input prefix, by key:
+    what the simulation uploads by default."""
+    prefix = SIM_PARAMETERS["InputPrefix"]
+    images = {f"{prefix}{name}.jpg": photo_jpeg(name) for name in ("coffee", "chelsea", "astronaut")}
+    return images | {f"{prefix}corrupt.jpg": CORRUPT_JPEG}
+
+
+def simulate_bulk(
+    package_dir: Path,
+    layers: list[Path],
+    model_archive: Path,
+    interpreter: Interpreter | None = None,
+    *,
+    images: Mapping[str, bytes] | None = None,
+    more_messages: Sequence[str] = (),
+) -> dict[str, Any]:
+    """Upload ``images`` (by key) to the input bucket, with the template's queue and bucket notification,
+    and run the packaged worker over the queue as Lambda's SQS mapping would; report the results.
+
+    ``more_messages`` are bodies sent to the queue as they are (``{"bucket", "key"}`` ones, as
+    tools/classify_bucket.py sends), after the notifications.
+    """
+    interpreter = interpreter or Interpreter.from_command(THIS_INTERPRETER)
+    template = json.loads((package_dir / "sam.json").read_text())
+    worker = function_properties(template, BULK_FUNCTION)
+    batch_size = worker["Events"]["BulkWorkerSqsEventSource"]["Properties"]["BatchSize"]
+    with s3_with_model(model_archive) as endpoint:
+        clients = {
+            service: boto3.client(
+                service, endpoint_url=endpoint, region_name="us-east-1",
+                aws_access_key_id="sim", aws_secret_access_key="sim",
+            )
+            for service in ("s3", "sqs")
+        }  # fmt: skip
+        queue_url, queue_arn = _queues_of(template, clients["sqs"])
+        _fill_input_bucket(
+            template, clients["s3"], queue_arn, images if images is not None else bulk_images()
+        )
+        for body in more_messages:
+            clients["sqs"].send_message(QueueUrl=queue_url, MessageBody=body)
+        batches = _receive_all(clients["sqs"], queue_url, batch_size)
+        events = [sqs_event(batch, queue_arn) for batch in batches]
+        run = run_function(package_dir, layers, interpreter, events, endpoint, function=BULK_FUNCTION)
+        answers = [result["response"] for result in run.results]
+        retried = _delete_all_but_failures(clients["sqs"], queue_url, batches, answers)
+        results = _results(clients["s3"])
+    return {
+        "interpreter": interpreter.label,
+        "runtime": interpreter.runtime,
+        "handler": worker["Handler"],
+        "batches": [
+            {"messages": len(batch), "batchItemFailures": answer["batchItemFailures"]}
+            for batch, answer in zip(batches, answers, strict=True)
+        ],
+        "retried": retried,
+        "results": results,
+        "cold_start_seconds": round(run.cold_start, 3),
+        "batch_seconds": [round(result["seconds"], 3) for result in run.results],
+        "peak_rss_mib": round(max(result["peak_rss_kib"] for result in run.results) / 1024),
+        "tmp_used_mib": round(run.tmp_used / 2**20),
+    }
+
+
+def _queues_of(template: Mapping[str, Any], sqs: Any) -> tuple[str, str]:
+    """The template's queue and dead-letter queue, made with its settings; the queue's URL and ARN."""
+    resources = template["Resources"]
+    dead_letter_url = sqs.create_queue(QueueName="sim-bulk-dlq")["QueueUrl"]
+    names = template_names(**{"BulkDeadLetterQueue.Arn": _queue_arn(sqs, dead_letter_url)})
+    properties = resolve(resources["BulkQueue"]["Properties"], names)
+    attributes = {
+        "VisibilityTimeout": str(properties["VisibilityTimeout"]),
+        "MessageRetentionPeriod": str(properties["MessageRetentionPeriod"]),
+        "RedrivePolicy": json.dumps(properties["RedrivePolicy"]),
+    }
+    queue_url = sqs.create_queue(QueueName="sim-bulk", Attributes=attributes)["QueueUrl"]
+    return queue_url, _queue_arn(sqs, queue_url)
+
+
+def _queue_arn(sqs: Any, queue_url: str) -> str:
+    return sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+
+
+def _fill_input_bucket(
+    template: Mapping[str, Any], s3: Any, queue_arn: str, images: Mapping[str, bytes]
+) -> None:
+    """The buckets, the input bucket's notification as the stack's output gives it, then the images:
+    S3 queues its test event, then one event per image."""
+    for bucket in {SIM_PARAMETERS["InputBucket"], SIM_PARAMETERS["ResultsBucket"]}:
+        s3.create_bucket(Bucket=bucket)
+    output = template["Outputs"]["BulkNotificationConfiguration"]["Value"]
+    notification = json.loads(resolve(output, template_names(**{"BulkQueue.Arn": queue_arn})))
+    s3.put_bucket_notification_configuration(
+        Bucket=SIM_PARAMETERS["InputBucket"], NotificationConfiguration=notification
+    )
+    for key, data in images.items():
+        s3.put_object(Bucket=SIM_PARAMETERS["InputBucket"], Key=key, Body=data)
+
+
+def _receive_all(sqs: Any, queue_url: str, batch_size: int) -> list[list[dict[str, Any]]]:
+    """Every message of the queue, in batches of up to ``batch_size``, as the mapping's poller gets them."""
+    batches = []
+    while received := sqs.receive_message(
+        QueueUrl=queue_url, MaxNumberOfMessages=batch_size, AttributeNames=["All"]
+    ).get("Messages"):
+        batches.append(received)
+    return batches
+
+
+def sqs_event(messages: Sequence[Mapping[str, Any]], queue_arn: str) -> dict[str, object]:
+    """The event Lambda's SQS mapping invokes a function with, for messages as ReceiveMessage gave them."""
+    return {
+        "Records": [
+            {
+                "messageId": message["MessageId"],
+                "receiptHandle": message["ReceiptHandle"],
+                "body": message["Body"],
+                "attributes": message.get("Attributes", {}),
+                "messageAttributes": message.get("MessageAttributes", {}),
+                "md5OfBody": message["MD5OfBody"],
+                "eventSource": "aws:sqs",
+                "eventSourceARN": queue_arn,
+                "awsRegion": "us-east-1",
+            }
+            for message in messages
+        ]
+    }
+
+
+def _delete_all_but_failures(
+    sqs: Any, queue_url: str, batches: list[list[dict[str, Any]]], answers: list[dict[str, Any]]
+) -> list[str]:
+    """What the mapping does with each answer: delete the messages it does not name; their bodies."""
+    retried = []
+    for batch, answer in zip(batches, answers, strict=True):
+        failed = {failure["itemIdentifier"] for failure in answer["batchItemFailures"]}
+        done = [message for message in batch if message["MessageId"] not in failed]
+        retried += [message["Body"] for message in batch if message["MessageId"] in failed]
+        if done:
+            entries = [{"Id": str(n), "ReceiptHandle": m["ReceiptHandle"]} for n, m in enumerate(done)]
+            sqs.delete_message_batch(QueueUrl=queue_url, Entries=entries)
+    return retried
+
+
+def _results(s3: Any) -> dict[str, dict[str, Any]]:
+    """Each result object under the results prefix: its body and its metadata, by key."""
+    bucket, prefix = SIM_PARAMETERS["ResultsBucket"], SIM_PARAMETERS["ResultsPrefix"]
+    results = {}
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for item in page.get("Contents", []):
+            answer = s3.get_object(Bucket=bucket, Key=item["Key"])
+            results[item["Key"]] = {
+                "body": json.loads(answer["Body"].read()),
+                "metadata": answer["Metadata"],
+                "content_type": answer["ContentType"],
+            }
+    return results
 
 
 def main() -> None:
@@ -389,15 +670,30 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=Path("build/demo-model.tar.gz"))
     parser.add_argument("--warm-requests", type=int, default=10)
     parser.add_argument(
+        "--function",
+        choices=[API_FUNCTION, BULK_FUNCTION],
+        default=API_FUNCTION,
+        help="the API (proxy events) or the bulk worker (SQS events over photos in S3)",
+    )
+    parser.add_argument(
         "--python",
         default=shlex.join(THIS_INTERPRETER),
         help="command that starts the runtime's Python (make lambda-sim: build/toolchain/python)",
     )
     args = parser.parse_args()
     interpreter = Interpreter.from_command(shlex.split(args.python))
+    if args.function == BULK_FUNCTION:
+        result = simulate_bulk(args.package, args.layer or [], args.model, interpreter)
+        outcomes = {key: _outcome(found["body"]) for key, found in result.pop("results").items()}
+        print(json.dumps({**result, "results": outcomes}))
+        return
     result = simulate(args.package, args.layer or [], args.model, args.warm_requests, interpreter)
     answers = [f"{r['statusCode']} {json.loads(r['body']).get('class')}" for r in result.pop("responses")]
     print(json.dumps({**result, "answers": sorted(set(answers))}))
+
+
+def _outcome(result: Mapping[str, Any]) -> str:
+    return f"ok {result['class']}" if result["status"] == "ok" else f"error {result['error']['Code']}"
 
 
 if __name__ == "__main__":

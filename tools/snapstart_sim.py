@@ -68,6 +68,7 @@ from tools.lambda_sim import (
     SANDBOX_FLAGS,
     THIS_INTERPRETER,
     Interpreter,
+    function_properties,
     image_host,
     lambda_runtime_dir,
     photo_jpeg,
@@ -373,9 +374,7 @@ def run_snapstart(
     ``environment`` is laid over the function's own (its stage's variables and Lambda's).
     """
     template = json.loads((package_dir / "sam.json").read_text())
-    function = next(
-        r["Properties"] for r in template["Resources"].values() if r["Type"] == "AWS::Serverless::Function"
-    )
+    function = function_properties(template)
     with tempfile.TemporaryDirectory(prefix="snapstart-sim-") as scratch:
         root = Path(scratch)
         task, opt, home, tmp = (root / name for name in ("var-task", "opt", "home", "tmp"))
