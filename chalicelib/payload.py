@@ -170,8 +170,8 @@ def _top_k(value: Any, *, source: str) -> int | None:
     """A positive integer, from JSON or from ASCII digits; never Unicode digits int() would refuse."""
     if value is None:
         return None
-    if isinstance(value, str) and ASCII_DIGITS.fullmatch(value.strip()):
-        value = int(value)
+    if isinstance(value, str) and ASCII_DIGITS.fullmatch(digits := value.strip()):
+        value = int(digits)
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_TOP_K:
         raise InvalidRequest(
             f"The top_k {source} must be an integer from 1 to the number of classes, got {_describe(value)}."

@@ -208,6 +208,22 @@ def test_top_k_takes_ascii_digits_only(client: Client, image_server: RoutedHTTPS
     assert from_query[:2] == from_body[:2] == (400, "InvalidRequest")
 
 
+@pytest.mark.parametrize("padded", [" 3 ", "3\x1f", "\u30003", "\x1c3\n"])
+def test_top_k_padded_with_any_whitespace_is_read_as_its_digits(
+    client: Client, image_server: RoutedHTTPServer, padded: str
+) -> None:
+    """str.strip() also strips '\\x1f', which int() refuses: '3\\x1f' was a 500 from a random request."""
+    url = image_server.url("/coffee.jpg")
+
+    from_query = client.http.post(f"/invocations?top_k={quote(padded)}", headers=JSON,
+                                  body=json.dumps({"url": url}))  # fmt: skip
+    from_body = post(client, {"url": url, "top_k": padded})
+
+    assert len(from_query.json_body["top_k"]) == len(from_body.json_body["top_k"]) == 3
+    zero = error_of(post(client, {"url": url, "top_k": padded.replace("3", "0")}))
+    assert zero[:2] == (400, "InvalidRequest")
+
+
 @pytest.mark.parametrize(
     ("image", "fragment"),
     [
