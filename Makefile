@@ -17,7 +17,7 @@ PORT ?= 8000
 .DELETE_ON_ERROR:
 
 .PHONY: serve test model package package-onnx package-onnx-snapstart layer lambda-sim wheels-check deploy \
-	deploy-artifacts bench browser lint format clean
+	deploy-artifacts bench browser lint format clean classify-bucket
 
 $(STAMP): requirements.txt requirements-onnx.txt requirements-deploy.txt requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -206,6 +206,11 @@ deploy: $(STAGE_DIR)/deployment.zip
 
 bench: $(STAMP) $(DEMO_MODEL)
 	tools/isolated_network.sh $(BIN)/python -m bench.run $(BENCH_ARGS)
+
+# Classify every image under an S3 prefix through the deployed worker, or --local in this
+# process: make classify-bucket ARGS="s3://photos/in/ --results s3://photos/results/ --local"
+classify-bucket: $(STAMP) $(DEMO_MODEL)
+	$(BIN)/python -m tools.classify_bucket $(ARGS)
 
 serve: $(STAMP) $(DEMO_MODEL)
 	$(BIN)/chalice local --no-autoreload --stage dev --host 127.0.0.1 --port $(PORT)

@@ -15,7 +15,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import boto3
 import numpy as np
 import pytest
 import skimage.data
@@ -27,6 +26,7 @@ from chalicelib.current import get_service
 from chalicelib.payload import ImageInput, Invocation
 from tests.conftest import jpeg
 from tests.support.faulty_s3 import FaultyS3
+from tests.support.queues import Queues, queue_with_dead_letters
 from tests.support.s3 import MotoS3Server
 from tests.support.sqs_poller import Context, SqsEventSource
 
@@ -242,29 +242,11 @@ def test_throttling_and_a_missing_configuration_send_messages_back(
 # --- A thousand images through the queue ------------------------------------------------------------
 
 
-@dataclass
-class Queues:
-    sqs: Any
-    url: str
-    dead_letters: str
-
-
 @pytest.fixture
 def queues(s3_server: MotoS3Server, request: pytest.FixtureRequest) -> Iterator[Queues]:
-    """A queue with a dead-letter queue after 3 receives, and a one-second visibility timeout."""
-    sqs = boto3.client("sqs", endpoint_url=s3_server.endpoint)
-    name = request.node.name[:60]
-    dead_letters = sqs.create_queue(QueueName=f"{name}-dlq")["QueueUrl"]
-    dlq_arn = sqs.get_queue_attributes(QueueUrl=dead_letters, AttributeNames=["QueueArn"])["Attributes"][
-        "QueueArn"
-    ]
-    redrive = json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": "3"})
-    url = sqs.create_queue(QueueName=name, Attributes={"RedrivePolicy": redrive, "VisibilityTimeout": "1"})[
-        "QueueUrl"
-    ]
-    yield Queues(sqs, url, dead_letters)
-    for queue in (url, dead_letters):
-        sqs.delete_queue(QueueUrl=queue)
+    """Messages go to the dead-letter queue on their fourth receive."""
+    with queue_with_dead_letters(s3_server.endpoint, request.node.name[:60], max_receives=3) as queues:
+        yield queues
 
 
 def send(queues: Queues, bodies: list[str]) -> None:
@@ -272,15 +254,6 @@ def send(queues: Queues, bodies: list[str]) -> None:
         entries = [{"Id": str(n), "MessageBody": body} for n, body in enumerate(bodies[start : start + 10])]
         answer = queues.sqs.send_message_batch(QueueUrl=queues.url, Entries=entries)
         assert not answer.get("Failed"), answer["Failed"]
-
-
-def dead_letters(queues: Queues) -> list[str]:
-    bodies = []
-    while messages := queues.sqs.receive_message(
-        QueueUrl=queues.dead_letters, MaxNumberOfMessages=10, VisibilityTimeout=60
-    ).get("Messages"):
-        bodies += [message["Body"] for message in messages]
-    return bodies
 
 
 def test_a_thousand_images_each_end_with_exactly_one_result_or_in_the_dead_letter_queue(
@@ -325,5 +298,5 @@ def test_a_thousand_images_each_end_with_exactly_one_result_or_in_the_dead_lette
     } == keys
     for key in keys:  # one write each, duplicates and retries included
         assert s3_server.log.count_answered("PUT", f"/{BUCKET}/{RESULTS}{key}.json", 200) == 1, key
-    assert sorted(dead_letters(queues)) == sorted(poison)
+    assert sorted(queues.drain(queues.dead_letters)) == sorted(poison)
     print(json.dumps({"inputs": len(keys), "messages": len(bodies), **vars(tally)}))
