@@ -11,8 +11,10 @@ import io
 import json
 import os
 import random
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,6 +36,7 @@ BUCKET = "photos"
 RESULTS = "results/"
 PHOTOS = ("chelsea", "coffee", "astronaut", "rocket", "cat", "hubble_deep_field")
 MAX_IMAGE_BYTES = 60_000
+ROOT = Path(__file__).resolve().parent.parent
 
 
 # --- Messages -------------------------------------------------------------------------------------
@@ -237,6 +240,43 @@ def test_throttling_and_a_missing_configuration_send_messages_back(
     assert bucket.result(throttled)["status"] == "ok"
     monkeypatch.delenv("RESULTS_BUCKET")
     assert deliver(ours(fine), ours(throttled)) == ["m0", "m1"]
+
+
+# --- Live uploads, through the bucket's notification -----------------------------------------------
+
+
+def notification_configuration(stack: str, queue_arn: str, input_prefix: str) -> dict[str, Any]:
+    """The document the README has users apply, as the stack's output renders it."""
+    template = json.loads((ROOT / ".chalice" / "merge-template-bulk.json").read_text())
+    document = template["Outputs"]["BulkNotificationConfiguration"]["Value"]["Fn::Sub"]
+    values = {"AWS::StackName": stack, "BulkQueue.Arn": queue_arn, "InputPrefix": input_prefix}
+    return json.loads(re.sub(r"\$\{([^}]+)\}", lambda found: values[found.group(1)], document))
+
+
+def test_uploads_reach_the_worker_through_the_bucket_notification_the_stack_outputs(
+    bucket: Bucket, queues: Queues
+) -> None:
+    """moto's S3 sends the notification to its SQS as S3 does: its test event, then one per upload."""
+    arn = queues.sqs.get_queue_attributes(QueueUrl=queues.url, AttributeNames=["QueueArn"])["Attributes"][
+        "QueueArn"
+    ]
+    bucket.s3.put_bucket_notification_configuration(
+        Bucket=BUCKET, NotificationConfiguration=notification_configuration("stack", arn, bucket.prefix)
+    )
+    uploads = {bucket.put("a cat+1.jpg", photo("chelsea")): photo("chelsea")}  # S3 encodes the space and +
+    uploads[bucket.put("cup.jpg", photo("coffee"))] = photo("coffee")
+    bucket.s3.put_object(Bucket=BUCKET, Key="elsewhere/cup.jpg", Body=photo("coffee"))  # not under the prefix
+
+    tally = SqsEventSource(queues.sqs, queues.url, bulk_worker, batch_size=10).drain(give_up_after=120)
+
+    assert tally.invocation_errors == []
+    assert {key: bucket.result(key)["class"] for key in uploads} == {
+        key: expected_label(data) for key, data in uploads.items()
+    }
+    # The results, written under results/ in the same bucket, set off no notification of their own.
+    assert bucket.result_keys() == {f"{RESULTS}{key}.json" for key in uploads}
+    assert tally.deleted == 3  # the test event and the two uploads
+    assert queues.drain(queues.dead_letters) == []
 
 
 # --- A thousand images through the queue ------------------------------------------------------------
