@@ -24,7 +24,7 @@ from chalicelib.errors import ConfigurationError
 from chalicelib.locations import ArchiveLocation, LocalArchive, S3Archive
 from chalicelib.observability import DEFAULT_LOG_LEVEL, LOG_LEVELS
 from chalicelib.payload import DEFAULT_MAX_BATCH, DEFAULT_MAX_BODY_BYTES, BodyLimits
-from chalicelib.url_policy import DEFAULT_PORTS, UrlPolicy
+from chalicelib.url_policy import DEFAULT_PORTS, HostAllowList, UrlPolicy
 
 Number = TypeVar("Number", int, float)
 
@@ -120,6 +120,7 @@ class Settings:
             url_policy=UrlPolicy(
                 allowed_ports=_ports(environ, "ALLOWED_PORTS"),
                 allow_private=_flag(environ, "ALLOW_PRIVATE_URLS"),
+                allowed_hosts=_host_allow_list(environ, "ALLOWED_URL_HOSTS"),
             ),
             bulk=_bulk(environ),
         )
@@ -200,6 +201,20 @@ def _ports(environ: Mapping[str, str], name: str) -> frozenset[int] | None:
             f"Config '{name}' must be a comma-separated list of ports (1-65535) or *, got {raw!r}."
         )
     return ports
+
+
+def _host_allow_list(environ: Mapping[str, str], name: str) -> HostAllowList | None:
+    """Host names, ``*.suffix`` patterns and IP addresses; unset (or blank) allows any public host."""
+    raw = environ.get(name, "")
+    if not raw.strip():
+        return None
+    try:
+        return HostAllowList.from_setting(raw)
+    except ValueError as error:
+        raise ConfigurationError(
+            f"Config '{name}' must be a comma-separated list of host names, *.suffix patterns "
+            f"and IP addresses: {error}."
+        ) from error
 
 
 def _cors(environ: Mapping[str, str], name: str) -> CorsPolicy:

@@ -7,6 +7,9 @@ fetched only if
 
 - its scheme is http or https, it carries no ``user:pass@``, and its port is
   allowed (80 and 443 unless ``ALLOWED_PORTS`` says otherwise);
+- its host is on ``ALLOWED_URL_HOSTS``, when that is set (``HostAllowList``),
+  judged on the URL text before any DNS lookup, so a refused host is never
+  resolved;
 - every address its host resolves to (all A and AAAA records) is globally
   routable, judged after unwrapping IPv4-mapped, IPv4-compatible, 6to4 and
   NAT64 forms, so ``[::ffff:127.0.0.1]`` counts as the loopback it is.
@@ -17,7 +20,8 @@ the resolver has read them. The caller then connects to the address that was
 checked (see ``fetch.py``), so a second DNS answer cannot rebind the host.
 
 The host is normalised once, here, and every later step uses that one form:
-the localhost check, the resolver, the pinned connection and the Host header.
+the allow-list, the localhost check, the resolver, the pinned connection and
+the Host header. The allow-list's entries are normalised by the same function.
 A name that is not ASCII is IDNA-encoded as browsers do (UTS 46), so
 ``Bücher.example`` is ``xn--bcher-kva.example`` and 127.0.0.1 in full-width
 digits is ``127.0.0.1``; an ASCII name must be dot-separated labels of 1 to 63 letters,
@@ -46,6 +50,8 @@ MAX_URL_LENGTH = 2048
 MAX_HOST_LENGTH = 253  # DNS: 255 octets on the wire
 DEFAULT_PORTS = frozenset({80, 443})
 _ASCII_LABEL = re.compile(r"[a-z0-9_-]{1,63}")
+# A last label that browsers read as part of an IPv4 address (WHATWG URL, "ends in a number").
+_NUMERIC_LABEL = re.compile(r"[0-9]+|0x[0-9a-f]*")
 # Characters a request target may carry as they are (RFC 3986 pchar, "/" and
 # "?", and "%" so existing escapes stay as the URL wrote them).
 _TARGET_SAFE = "/?:@!$&'()*+,;=%~"
@@ -83,9 +89,115 @@ class Target:
 
 
 @dataclass(frozen=True)
+class HostAllowList:
+    """The hosts an image URL may name (``ALLOWED_URL_HOSTS``), decided on the URL's text.
+
+    An entry is one of
+
+    - a host name, ``cdn.example.com``: that host only;
+    - a pattern, ``*.cdn.example.com``: every host under that name, at any
+      depth, but not ``cdn.example.com`` itself (list both to allow both);
+    - an IP address in standard form, ``192.0.2.1``, ``2001:db8::1`` or
+      ``[2001:db8::1]``: a URL whose host is that address, compared as an
+      address. A name never allows the addresses it resolves to, nor an
+      address the names that resolve to it, and patterns never match an
+      address.
+
+    Names are compared in the one form ``UrlPolicy`` gives a URL's host:
+    lower-case, IDNA-encoded (``Bücher.example`` and ``xn--bcher-kva.example``
+    are the same entry), without a trailing dot. Being on the list only lets
+    a URL on to the rest of the policy, which still refuses an allowed name
+    that resolves to a private or metadata address.
+
+    ``from_setting`` refuses, with a ``ValueError`` that says why, anything a
+    reader could take to mean more than it does: ``*`` alone (leave the
+    setting unset to allow any host), ``*`` anywhere but as a whole first
+    label, empty entries, ports (``ALLOWED_PORTS`` sets those), URLs, a
+    pattern over a whole top-level domain (``*.com``), and names that end in a
+    number (``127.1``, ``2130706433``), which resolvers read as IP addresses.
+    """
+
+    names: frozenset[str] = frozenset()
+    suffixes: tuple[str, ...] = ()  # ".cdn.example.com" for *.cdn.example.com, sorted
+    addresses: frozenset[IPAddress] = frozenset()
+
+    @classmethod
+    def from_setting(cls, value: str) -> HostAllowList:
+        names: set[str] = set()
+        suffixes: set[str] = set()
+        addresses: set[IPAddress] = set()
+        for position, raw_entry in enumerate(value.split(","), start=1):
+            entry = raw_entry.strip()
+            if not entry:
+                raise ValueError(f"entry {position} is empty")
+            address = _address_entry(entry)
+            if address is not None:
+                addresses.add(address)
+                continue
+            name = _name_entry(entry)
+            if name.startswith("*."):
+                suffixes.add(name[1:])
+            else:
+                names.add(name)
+        return cls(frozenset(names), tuple(sorted(suffixes)), frozenset(addresses))
+
+    def allows(self, host: str) -> bool:
+        """Whether ``host``, normalised as ``UrlPolicy`` does, is on the list."""
+        name = host.removesuffix(".")
+        try:
+            return ipaddress.ip_address(name) in self.addresses
+        except ValueError:
+            return name in self.names or name.endswith(self.suffixes)
+
+
+def _address_entry(entry: str) -> IPAddress | None:
+    """The address an allow-list entry names, or None if it names hosts."""
+    bracketed = entry.startswith("[") and entry.endswith("]")
+    try:
+        address = ipaddress.ip_address(entry[1:-1] if bracketed else entry)
+    except ValueError:
+        address = None
+    if bracketed and not isinstance(address, ipaddress.IPv6Address):
+        raise ValueError(f"{entry!r}: brackets may hold only an IPv6 address")
+    if isinstance(address, ipaddress.IPv6Address) and address.scope_id is not None:
+        raise ValueError(f"{entry!r} carries a zone identifier, which image URLs may not")
+    return address
+
+
+def _name_entry(entry: str) -> str:
+    """An allow-list entry that names hosts, in canonical form; a pattern keeps its ``*.``."""
+    pattern = entry.startswith("*.")
+    name = entry[2:] if pattern else entry
+    if entry == "*":
+        raise ValueError("'*' alone would allow any host: leave ALLOWED_URL_HOSTS unset for that")
+    if "://" in entry:
+        raise ValueError(f"{entry!r} is a URL: give only its host name")
+    if ":" in entry:
+        raise ValueError(f"{entry!r} carries a port: ALLOWED_PORTS sets the ports")
+    if "*" in name:
+        raise ValueError(f"{entry!r}: '*' may only be the whole first label, as in *.cdn.example.com")
+    try:
+        canonical = _canonical_name(name).removesuffix(".")
+    except ValueError as error:
+        subject = f"{entry!r}: the name after '*.'" if pattern else repr(entry)
+        raise ValueError(f"{subject} {error}") from error
+    if _NUMERIC_LABEL.fullmatch(canonical.rsplit(".", 1)[-1]):
+        raise ValueError(
+            f"{entry!r} ends in a number, so resolvers read it as an IP address: "
+            "write an address in standard form, such as 192.0.2.1"
+        )
+    if not pattern:
+        return canonical
+    if "." not in canonical:
+        raise ValueError(f"{entry!r} would allow every host under a top-level domain")
+    return f"*.{canonical}"
+
+
+@dataclass(frozen=True)
 class UrlPolicy:
     allowed_ports: frozenset[int] | None = DEFAULT_PORTS  # None: any port
     allow_private: bool = False  # development only: lifts the address check
+    allowed_hosts: HostAllowList | None = None  # None: any host the address check accepts
 
     def check(self, url: str, resolve: Resolver | None = None) -> Target:
         """Refuse the URL with ``InvalidURL``, or say which address to connect to."""
@@ -95,6 +207,10 @@ class UrlPolicy:
             allowed = ", ".join(str(p) for p in sorted(self.allowed_ports))
             raise InvalidURL(f"The image URL uses port {port}; allowed ports are {allowed} (ALLOWED_PORTS).")
         host = _normalised_host(parts)
+        if self.allowed_hosts is not None and not self.allowed_hosts.allows(host):
+            raise InvalidURL(
+                f"The image URL's host {host!r} is not one this service may fetch from (ALLOWED_URL_HOSTS)."
+            )
         if not self.allow_private and _is_localhost_name(host):
             raise InvalidURL(
                 f"The image URL's host {host!r} is a loopback name; only public hosts may be fetched."
@@ -142,18 +258,29 @@ def _normalised_host(parts: SplitResult) -> str:
     host = parts.hostname or ""
     if "[" in parts.netloc:
         return _bracketed_address(host)
+    try:
+        return _canonical_name(host)
+    except ValueError as error:
+        raise InvalidURL(f"The image URL's host {host[:100]!r} {error}.") from error
+
+
+def _canonical_name(host: str) -> str:
+    """``host`` in the one form the policy compares and resolves: lower-case ASCII, IDNA-encoded.
+
+    A ``ValueError`` gives the reason worded to follow the host's name
+    ("is not a valid host name: ..."), for the caller to say whose host it is.
+    """
     if not host.isascii():
         try:
             host = idna.encode(host, uts46=True).decode("ascii")
         except idna.IDNAError as error:
-            raise InvalidURL(
-                f"The image URL's host {host[:100]!r} is not a valid domain name: {error}."
-            ) from error
+            raise ValueError(f"is not a valid domain name: {error}") from error
+    host = host.lower()
     labels = host.removesuffix(".").split(".")
     if len(host) > MAX_HOST_LENGTH or not all(_ASCII_LABEL.fullmatch(label) for label in labels):
-        raise InvalidURL(
-            f"The image URL's host {host[:100]!r} is not a valid host name: expected dot-separated labels "
-            f"of 1 to 63 letters, digits, hyphens or underscores, {MAX_HOST_LENGTH} characters in all."
+        raise ValueError(
+            "is not a valid host name: expected dot-separated labels of 1 to 63 letters, digits, "
+            f"hyphens or underscores, {MAX_HOST_LENGTH} characters in all"
         )
     return host
 

@@ -12,7 +12,7 @@ import pytest
 from chalicelib.errors import ImageTooLarge, InvalidURL, UpstreamError, UpstreamTimeout
 from chalicelib.fetch import ImageFetcher
 from chalicelib.settings import FetchLimits
-from chalicelib.url_policy import IPAddress, Resolver, UrlPolicy
+from chalicelib.url_policy import HostAllowList, IPAddress, Resolver, UrlPolicy
 from tests.support.http_server import (
     CertificateAuthority,
     RoutedHTTPServer,
@@ -274,6 +274,52 @@ def test_a_redirect_to_an_internationalised_host_is_followed(host: RoutedHTTPSer
 
     assert body == b"end"
     assert asked == ["redirector.example", "xn--bcher-kva.example"]
+
+
+# Loopback is allowed here, as in the other tests, so only the allow-list stands between a hop and the host.
+LISTED_ON_LOOPBACK = UrlPolicy(
+    allowed_ports=None,
+    allow_private=True,
+    allowed_hosts=HostAllowList.from_setting("images.example, *.cdn.example"),
+)
+
+
+def test_a_redirect_between_listed_hosts_is_followed(host: RoutedHTTPServer) -> None:
+    host.routes["/start"] = redirect_to(f"http://img.cdn.example:{host.port}/final.jpg")
+    host.routes["/final.jpg"] = serve_bytes(b"end")
+    asked: list[str] = []
+
+    body = ImageFetcher(QUICK, LISTED_ON_LOOPBACK, loopback_for(asked)).fetch(
+        f"http://images.example:{host.port}/start"
+    )
+
+    assert body == b"end"
+    assert asked == ["images.example", "img.cdn.example"]
+
+
+@pytest.mark.parametrize(
+    "location",
+    [
+        "http://elsewhere.example:{port}/final.jpg",
+        "http://cdn.example:{port}/final.jpg",
+        "http://127.0.0.1:{port}/final.jpg",
+        "//elsewhere.example:{port}/final.jpg",
+    ],
+)
+def test_a_redirect_off_the_allow_list_is_refused_before_its_host_is_resolved(
+    host: RoutedHTTPServer, location: str
+) -> None:
+    """Without the list each hop would be followed: the policy here allows loopback and any port."""
+    host.routes["/start"] = redirect_to(location.format(port=host.port))
+    host.routes["/final.jpg"] = serve_bytes(b"never")
+    asked: list[str] = []
+
+    with pytest.raises(InvalidURL, match=r"\(ALLOWED_URL_HOSTS\)"):
+        ImageFetcher(QUICK, LISTED_ON_LOOPBACK, loopback_for(asked)).fetch(
+            f"http://images.example:{host.port}/start"
+        )
+    assert asked == ["images.example"]
+    assert host.requests == ["/start"]
 
 
 def _redirect(location: bytes, status: int = 302) -> bytes:

@@ -1,23 +1,37 @@
 """The hostile-input catalogue, end to end through chalice.test.Client.
 
 Runs only in the isolated network namespace (see tests/support/network.py),
-under the production URL policy: ALLOW_PRIVATE_URLS and ALLOWED_PORTS unset.
+under the production URL policy: ALLOW_PRIVATE_URLS and ALLOWED_PORTS unset,
+and ALLOWED_URL_HOSTS unset too except for the allow-list's own cases.
 Three real servers stand by:
 
 - two canaries on 127.0.0.1:80 and [::1]:80, where a URL policy bug would
   land; every address case asserts they received nothing;
 - a "public" image host on PUBLIC_TEST_ADDRESS:80, the one address the policy
-  accepts, serving photos, hostile images, redirects and misbehaviour.
+  accepts, serving photos, hostile images, redirects and misbehaviour; the
+  system resolver knows it as PUBLIC_TEST_NAME (bücher.example).
+
+That the allow-list refuses a host before DNS is asked about it is shown
+with the system resolver itself: a fetch in a mount namespace of its own,
+whose /etc/resolv.conf points at a DNS server on loopback that records every
+name it is asked for (``RecordingDNS``).
 """
 
 from __future__ import annotations
 
 import io
+import json
+import os
+import socket
 import struct
+import subprocess
+import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler
+from pathlib import Path
 
 import pytest
 from chalice.test import Client
@@ -34,7 +48,7 @@ from tests.support.http_server import (
     redirect_to,
     serve_bytes,
 )
-from tests.support.network import PUBLIC_TEST_ADDRESS, fullwidth, require_isolated_network
+from tests.support.network import PUBLIC_TEST_ADDRESS, PUBLIC_TEST_NAME, fullwidth, require_isolated_network
 
 PUBLIC = f"http://{PUBLIC_TEST_ADDRESS}"
 DEADLINE = 3.0
@@ -50,6 +64,8 @@ class Case:
     status: int
     code: str
     address: bool = False  # a case about where the URL points: the canaries must stay silent
+    allowed_hosts: str = ""  # ALLOWED_URL_HOSTS for this case; unset if empty
+    says: str = ""  # what the message must contain
 
 
 def _encode(image: Image.Image, fmt: str, **options: object) -> bytes:
@@ -197,7 +213,64 @@ URL_CASES = {
     "Content-Length '²'": Case(f"{PUBLIC}/superscript-length", 422, "UnsupportedImage"),
 }
 
-CATALOGUE = {**IMAGE_CASES, **ADDRESS_CASES, **URL_CASES}
+# The public host by name and a pattern, plus loopback and metadata addresses,
+# listed to show that being on the list does not lift the address policy.
+ALLOW_LIST = "Bücher.example, *.cdn.example, 127.0.0.1, [::1], localhost, 169.254.169.254"
+NOT_LISTED = "(ALLOWED_URL_HOSTS)"
+
+
+def _listed(url: str, says: str = NOT_LISTED, *, address: bool = False) -> Case:
+    """A URL refused with 400 under ALLOW_LIST."""
+    return Case(url, 400, "InvalidURL", address=address, allowed_hosts=ALLOW_LIST, says=says)
+
+
+ALLOW_LIST_CASES = {
+    # Were it resolved first, this name would be a 502: nothing answers for it.
+    "allow-list: unlisted name": _listed("http://evil.example/cat.jpg"),
+    "allow-list: listed but unresolvable name gets as far as DNS": Case(
+        "http://img.cdn.example/cat.jpg", 502, "UpstreamError", allowed_hosts=ALLOW_LIST, says="resolve"
+    ),
+    "allow-list: the apex of a *.suffix": _listed("http://cdn.example/cat.jpg"),
+    "allow-list: a look-alike of a *.suffix": _listed("http://evilcdn.example/cat.jpg"),
+    "allow-list: a listed name inside another": _listed(f"http://{PUBLIC_TEST_NAME}.evil.example/cat.jpg"),
+    "allow-list: a homograph of a listed name": _listed("http://b\u00fccher.ex\u0430mple/coffee.jpg"),
+    # A listed host named otherwise is not listed (the first two would be 200 without the list).
+    "allow-list: the listed host's own address": _listed(f"http://{PUBLIC_TEST_ADDRESS}/coffee.jpg"),
+    "allow-list: that address in decimal": _listed("http://185999660/coffee.jpg"),
+    "allow-list: a listed address IPv4-mapped": _listed("http://[::ffff:127.0.0.1]/cat.jpg", address=True),
+    # The host that counts is the one the URL parser finds, and only a plain one gets that far.
+    "allow-list: the real host before a #@": _listed(f"http://127.0.0.2#@{PUBLIC_TEST_NAME}/", address=True),
+    "allow-list: userinfo naming a listed host": _listed(
+        f"http://{PUBLIC_TEST_NAME}@127.0.0.2/cat.jpg", "user name", address=True
+    ),
+    "allow-list: backslash before an @": _listed(
+        f"http://{PUBLIC_TEST_NAME}\\@127.0.0.2/cat.jpg", "user name", address=True
+    ),
+    "allow-list: backslash inside the host": _listed(
+        f"http://127.0.0.2\\.{PUBLIC_TEST_NAME}/cat.jpg", "not a valid host name", address=True
+    ),
+    "allow-list: percent-encoded listed name": _listed(
+        "http://xn--bcher-kva%2Eexample/", "not a valid host name"
+    ),
+    # Listed, and still refused by the address policy.
+    "allow-list: listed loopback address": _listed("http://127.0.0.1/cat.jpg", "loopback", address=True),
+    "allow-list: listed [::1]": _listed("http://[::1]/cat.jpg", "loopback", address=True),
+    "allow-list: listed localhost": _listed("http://localhost/cat.jpg", "loopback name", address=True),
+    "allow-list: listed metadata address": _listed(
+        "http://169.254.169.254/latest/meta-data/", "link-local", address=True
+    ),
+    "allow-list: listed host on port 8080": _listed(f"http://{PUBLIC_TEST_NAME}:8080/cat.jpg", "port 8080"),
+    # Every hop is checked.
+    "allow-list: redirect to an unlisted host": _listed(f"http://{PUBLIC_TEST_NAME}/to/unlisted"),
+    "allow-list: redirect to the listed host's own address": _listed(
+        f"http://{PUBLIC_TEST_NAME}/to/own-address"
+    ),
+    "allow-list: redirect to a listed loopback address": _listed(
+        f"http://{PUBLIC_TEST_NAME}/to/loopback", "loopback", address=True
+    ),
+}
+
+CATALOGUE = {**IMAGE_CASES, **ADDRESS_CASES, **URL_CASES, **ALLOW_LIST_CASES}
 
 
 @pytest.fixture(scope="module")
@@ -225,6 +298,8 @@ def public_host(photos: dict[str, bytes]) -> Iterator[RoutedHTTPServer]:
         host.routes["/to/file"] = redirect_to("file:///etc/passwd")
         host.routes["/to/port"] = redirect_to(f"http://{PUBLIC_TEST_ADDRESS}:8080/cat.jpg")
         host.routes["/to/coffee"] = redirect_to("/coffee.jpg")
+        host.routes["/to/unlisted"] = redirect_to("http://evil.example/cat.jpg")
+        host.routes["/to/own-address"] = redirect_to(f"http://{PUBLIC_TEST_ADDRESS}/coffee.jpg")
         host.routes["/loop"] = redirect_to("/loop")
         host.routes["/error"] = serve_bytes(b"oops", "text/plain", status=500)
         host.routes["/endless"] = endless()
@@ -263,6 +338,7 @@ def serve_bytes_declaring(length: int) -> Route:
 def production_policy(demo_from_s3: None, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("ALLOW_PRIVATE_URLS", raising=False)
     monkeypatch.delenv("ALLOWED_PORTS", raising=False)
+    monkeypatch.delenv("ALLOWED_URL_HOSTS", raising=False)
     monkeypatch.setenv("FETCH_DEADLINE", str(DEADLINE))
     monkeypatch.setenv("FETCH_READ_TIMEOUT", str(READ_TIMEOUT))
     monkeypatch.setenv("MAX_IMAGE_BYTES", str(MAX_BYTES))
@@ -274,15 +350,19 @@ def test_hostile_catalogue(
     client: Client,
     canaries: tuple[RoutedHTTPServer, RoutedHTTPServer],
     public_host: RoutedHTTPServer,
+    monkeypatch: pytest.MonkeyPatch,
     name: str,
 ) -> None:
     case = CATALOGUE[name]
+    if case.allowed_hosts:
+        monkeypatch.setenv("ALLOWED_URL_HOSTS", case.allowed_hosts)
     before = [len(canary.requests) for canary in canaries]
 
     status, code, message = error_of(classify(client, case.url))
 
     assert (status, code) == (case.status, case.code), message
     assert message
+    assert case.says in message
     assert "Traceback" not in message
     if case.address:
         assert [len(canary.requests) for canary in canaries] == before, "a refused URL was fetched"
@@ -353,3 +433,162 @@ def test_a_redirect_loop_says_so(client: Client, public_host: RoutedHTTPServer) 
 
     assert (status, code) == (502, "UpstreamError")
     assert "redirected more than 3 times" in message
+
+
+@pytest.mark.usefixtures("production_policy")
+@pytest.mark.parametrize(
+    "url",
+    [
+        pytest.param(f"http://{PUBLIC_TEST_NAME}/coffee.jpg", id="as listed, in IDNA form"),
+        pytest.param("http://BÜCHER.example/coffee.jpg", id="in capitals"),
+        pytest.param(f"http://{fullwidth(PUBLIC_TEST_NAME)}/coffee.jpg", id="in full-width forms"),
+        pytest.param(f"http://{PUBLIC_TEST_NAME}/to/coffee", id="redirected on the same host"),
+    ],
+)
+def test_a_listed_host_is_served_in_any_spelling(
+    client: Client, public_host: RoutedHTTPServer, monkeypatch: pytest.MonkeyPatch, url: str
+) -> None:
+    monkeypatch.setenv("ALLOWED_URL_HOSTS", ALLOW_LIST)
+
+    response = classify(client, url)
+
+    assert (response.status_code, response.json_body["class"]) == (200, "espresso")
+
+
+@pytest.mark.usefixtures("production_policy", "public_host")
+def test_a_malformed_allow_list_is_a_503_that_names_it(
+    client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ALLOWED_URL_HOSTS", f"{PUBLIC_TEST_NAME}, *")
+
+    status, code, message = error_of(classify(client, f"http://{PUBLIC_TEST_NAME}/coffee.jpg"))
+
+    assert (status, code) == (503, "ConfigurationError")
+    assert "Config 'ALLOWED_URL_HOSTS'" in message
+    assert "'*' alone" in message
+
+
+class RecordingDNS:
+    """A DNS server on 127.0.0.1:53 that answers A queries from ``answers`` and records every name asked.
+
+    Unknown names get NXDOMAIN; a known name's other record types get an
+    empty answer. ``system_resolver_conf`` is a resolv.conf that sends a
+    process's system resolver here (see ``fetch_with_the_system_resolver``).
+    """
+
+    def __init__(self, answers: dict[str, str], directory: Path) -> None:
+        self.answers = answers
+        self.asked: list[str] = []
+        self.system_resolver_conf = directory / "resolv.conf"
+        self.system_resolver_conf.write_text("nameserver 127.0.0.1\noptions attempts:1 timeout:1\n")
+        self._socket = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self._socket.bind(("127.0.0.1", 53))
+        self._socket.settimeout(0.05)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+
+    def __enter__(self) -> RecordingDNS:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._socket.close()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                query, client = self._socket.recvfrom(512)
+            except TimeoutError:
+                continue
+            self._socket.sendto(self._answer(query), client)
+
+    def _answer(self, query: bytes) -> bytes:
+        labels: list[str] = []
+        end = 12  # the question follows the 12-byte header: length-prefixed labels, then 0
+        while query[end]:
+            labels.append(query[end + 1 : end + 1 + query[end]].decode("ascii").lower())
+            end += 1 + query[end]
+        end += 5  # the terminating 0, QTYPE and QCLASS
+        name = ".".join(labels)
+        self.asked.append(name)
+        (record_type,) = struct.unpack(">H", query[end - 4 : end - 2])
+        address = self.answers.get(name)
+        records = b""
+        if address is not None and record_type == 1:  # A
+            records = b"\xc0\x0c" + struct.pack(">HHIH", 1, 1, 60, 4) + socket.inet_aton(address)
+        flags = 0x8180 if address is not None else 0x8183  # a recursive answer; NXDOMAIN if unknown
+        header = query[:2] + struct.pack(">HHHHH", flags, 1, 1 if records else 0, 0, 0)
+        return header + query[12:end] + records
+
+
+FETCH_EACH_URL = """
+import json, os, sys
+from chalicelib.errors import ClassifierError
+from chalicelib.fetch import ImageFetcher
+from chalicelib.settings import Settings
+
+settings = Settings.from_environ(os.environ)
+fetcher = ImageFetcher(settings.fetch, settings.url_policy)
+for url in sys.argv[1:]:
+    try:
+        outcome = f"fetched {len(fetcher.fetch(url))} bytes"
+    except ClassifierError as error:
+        outcome = f"{type(error).__name__}: {error}"
+    print(json.dumps([url, outcome]))
+"""
+
+
+PRIVATE_URL_SETTINGS = ("ALLOW_PRIVATE_URLS", "ALLOWED_PORTS")
+
+
+def fetch_with_the_system_resolver(dns: RecordingDNS, allowed_hosts: str, urls: list[str]) -> dict[str, str]:
+    """What became of each URL, fetched under the production policy by the service's own code.
+
+    The fetch runs in a mount namespace of its own whose /etc/resolv.conf
+    sends glibc to ``dns``, so this process's resolver is left as it was.
+    """
+    environment = {name: value for name, value in os.environ.items() if name not in PRIVATE_URL_SETTINGS}
+    done = subprocess.run(
+        [
+            *("unshare", "--mount", "--", "sh", "-c", 'mount --bind "$0" /etc/resolv.conf && exec "$@"'),
+            *(str(dns.system_resolver_conf), sys.executable, "-c", FETCH_EACH_URL, *urls),
+        ],
+        env={**environment, "ALLOWED_URL_HOSTS": allowed_hosts},
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return dict(json.loads(line) for line in done.stdout.splitlines())
+
+
+def test_the_allow_list_refuses_a_host_before_dns_is_asked_about_it(
+    canaries: tuple[RoutedHTTPServer, RoutedHTTPServer],
+    public_host: RoutedHTTPServer,
+    photos: dict[str, bytes],
+    tmp_path: Path,
+) -> None:
+    """The unlisted name would resolve to the public host; the system resolver is never asked about it."""
+    listed, unlisted = "img.cdn.example", "evil.example"
+    to_metadata, to_loopback = "metadata.cdn.example", "loopback.cdn.example"
+    answers = {
+        listed: PUBLIC_TEST_ADDRESS,
+        unlisted: PUBLIC_TEST_ADDRESS,
+        to_metadata: "169.254.169.254",
+        to_loopback: "127.0.0.1",
+    }
+
+    with RecordingDNS(answers, tmp_path) as dns:
+        outcomes = fetch_with_the_system_resolver(
+            dns, "*.cdn.example", [f"http://{name}/coffee.jpg" for name in answers]
+        )
+
+    assert outcomes[f"http://{listed}/coffee.jpg"] == f"fetched {len(photos['coffee'])} bytes"
+    assert outcomes[f"http://{unlisted}/coffee.jpg"].endswith(NOT_LISTED + ".")
+    assert "link-local" in outcomes[f"http://{to_metadata}/coffee.jpg"]
+    assert "loopback" in outcomes[f"http://{to_loopback}/coffee.jpg"]
+    assert set(dns.asked) == {listed, to_metadata, to_loopback}
+    assert all(canary.requests == [] for canary in canaries)

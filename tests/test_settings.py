@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from chalicelib.settings import (
     FetchLimits,
     Settings,
 )
+from chalicelib.url_policy import HostAllowList
 
 
 def test_empty_environment_gives_the_demo_model_and_defaults() -> None:
@@ -98,3 +100,71 @@ def test_equal_environments_give_equal_settings() -> None:
     environ = {"MODEL_BUCKET": "b", "MODEL_KEY": "k"}
 
     assert Settings.from_environ(environ) == Settings.from_environ(dict(environ))
+
+
+def test_no_allow_list_unless_one_is_set() -> None:
+    assert Settings.from_environ({}).url_policy.allowed_hosts is None
+    assert Settings.from_environ({"ALLOWED_URL_HOSTS": "  "}).url_policy.allowed_hosts is None
+
+
+def test_the_allow_list_is_read_into_one_canonical_form() -> None:
+    allowed = Settings.from_environ(
+        {"ALLOWED_URL_HOSTS": " Bücher.example , *.CDN.example., 192.0.2.1,[2001:DB8::1], 2001:db8:0::2 "}
+    ).url_policy.allowed_hosts
+
+    assert allowed == HostAllowList(
+        names=frozenset({"xn--bcher-kva.example"}),
+        suffixes=(".cdn.example",),
+        addresses=frozenset(ipaddress.ip_address(a) for a in ("192.0.2.1", "2001:db8::1", "2001:db8::2")),
+    )
+
+
+def test_a_unicode_entry_and_its_idna_form_are_the_same_entry() -> None:
+    assert HostAllowList.from_setting("bücher.example") == HostAllowList.from_setting(
+        "XN--BCHER-KVA.EXAMPLE."
+    )
+
+
+@pytest.mark.parametrize(
+    ("value", "says"),
+    [
+        ("*", "'*' alone would allow any host: leave ALLOWED_URL_HOSTS unset"),
+        ("cdn.example.com,*", "'*' alone"),
+        ("*.", "the name after '*.' is not a valid host name"),
+        ("a*.example.com", "'*' may only be the whole first label"),
+        ("*.*.example.com", "'*' may only be the whole first label"),
+        ("*example.com", "'*' may only be the whole first label"),
+        ("sub.*.example.com", "'*' may only be the whole first label"),
+        ("**.example.com", "'*' may only be the whole first label"),
+        ("*.com", "every host under a top-level domain"),
+        ("cdn.example.com,,img.example.com", "entry 2 is empty"),
+        ("cdn.example.com,", "entry 2 is empty"),
+        (",", "entry 1 is empty"),
+        ("cdn.example.com:443", "carries a port: ALLOWED_PORTS"),
+        ("[2001:db8::1]:443", "carries a port"),
+        ("https://cdn.example.com", "is a URL"),
+        ("cdn.example.com/images", "not a valid host name"),
+        ("user@cdn.example.com", "not a valid host name"),
+        ("cdn.example.com\\evil.example", "not a valid host name"),
+        ("cdn%2Eexample.com", "not a valid host name"),
+        ("cdn example.com", "not a valid host name"),
+        ("cdn..example.com", "not a valid host name"),
+        ("ü" * 64 + ".example", "not a valid domain name"),
+        ("192.0.2.0/24", "not a valid host name"),
+        ("[cdn.example.com]", "brackets may hold only an IPv6 address"),
+        ("[192.0.2.1]", "brackets may hold only an IPv6 address"),
+        ("fe80::1%eth0", "zone identifier"),
+        ("127.1", "ends in a number"),
+        ("2130706433", "ends in a number"),
+        ("0x7f.1", "ends in a number"),
+        ("*.0x1", "ends in a number"),
+        ("*.2.0.192", "ends in a number"),
+    ],
+)
+def test_a_malformed_allow_list_fails_loudly(value: str, says: str) -> None:
+    with pytest.raises(ConfigurationError) as raised:
+        Settings.from_environ({"ALLOWED_URL_HOSTS": value})
+
+    assert str(raised.value).startswith("Config 'ALLOWED_URL_HOSTS' must be a comma-separated list")
+    assert says in str(raised.value)
+    assert raised.value.STATUS_CODE == 503

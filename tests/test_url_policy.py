@@ -12,7 +12,14 @@ import ipaddress
 import pytest
 
 from chalicelib.errors import InvalidURL, UpstreamError
-from chalicelib.url_policy import IPAddress, Resolver, UrlPolicy, forbidden_reason, resolve_host
+from chalicelib.url_policy import (
+    HostAllowList,
+    IPAddress,
+    Resolver,
+    UrlPolicy,
+    forbidden_reason,
+    resolve_host,
+)
 from tests.support.network import fullwidth
 
 PRODUCTION = UrlPolicy()
@@ -232,3 +239,132 @@ def test_port_0_is_refused_even_when_any_port_is_allowed() -> None:
 )
 def test_the_target_path_is_what_the_request_line_needs(url: str, path: str) -> None:
     assert PRODUCTION.check(url, table("8.8.8.8")).path == path
+
+
+ALLOW_LIST = HostAllowList.from_setting(
+    "cdn.example.com, *.s3.example.com, Bücher.example, 8.8.8.8, [2606:4700:4700::1111]"
+)
+LISTED = UrlPolicy(allowed_hosts=ALLOW_LIST)
+
+
+@pytest.mark.parametrize(
+    ("url", "asked_for"),
+    [
+        ("https://cdn.example.com/cat.jpg", "cdn.example.com"),
+        ("https://CDN.Example.COM/cat.jpg", "cdn.example.com"),
+        ("https://cdn.example.com./cat.jpg", "cdn.example.com."),
+        (f"https://{fullwidth('cdn.example.com')}/cat.jpg", "cdn.example.com"),
+        ("https://bucket.s3.example.com/cat.jpg", "bucket.s3.example.com"),
+        ("https://a.b.s3.example.com./cat.jpg", "a.b.s3.example.com."),
+        ("https://xn--bcher-kva.example/cat.jpg", "xn--bcher-kva.example"),
+        ("https://BÜCHER.example/cat.jpg", "xn--bcher-kva.example"),
+    ],
+)
+def test_a_listed_host_in_any_spelling_goes_on_to_the_resolver(url: str, asked_for: str) -> None:
+    asked: list[str] = []
+
+    LISTED.check(url, table("8.8.8.8", asked=asked))
+
+    assert asked == [asked_for]
+
+
+@pytest.mark.parametrize(
+    "url", ["http://8.8.8.8/cat.jpg", f"http://{fullwidth('8.8.8.8')}/", "http://[2606:4700:4700:0::1111]/"]
+)
+def test_a_listed_address_is_matched_as_an_address(url: str) -> None:
+    assert LISTED.check(url, resolve_numeric_only).address in ALLOW_LIST.addresses
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://evil.example/cat.jpg",
+        "https://s3.example.com/cat.jpg",  # *.suffix does not match the suffix itself
+        "https://evils3.example.com/cat.jpg",
+        "https://evil-s3.example.com/cat.jpg",
+        "https://example.com/cat.jpg",
+        "https://cdn.example.com.evil.example/cat.jpg",
+        "https://cdn.example.co/cat.jpg",
+        "https://xn--bcher-kva.example.evil/cat.jpg",
+        "https://cdn.ex\u0430mple.com/cat.jpg",  # a Cyrillic a: another name altogether
+        "http://evil.example/cdn.example.com",
+        "http://evil.example#@cdn.example.com/",
+        "http://evil.example?@cdn.example.com/",
+        "http://8.8.4.4/cat.jpg",
+        "http://134744072/cat.jpg",  # 8.8.8.8, but not as the list wrote it
+        "http://0x8.8.8.8/cat.jpg",
+        "http://008.8.8.8/cat.jpg",
+        "http://[::ffff:8.8.8.8]/cat.jpg",
+        "http://[2606:4700:4700::1112]/cat.jpg",
+        "http://127.0.0.1/cat.jpg",
+        "http://localhost/cat.jpg",
+        "http://[::1]/cat.jpg",
+    ],
+)
+def test_an_unlisted_host_is_refused_before_any_lookup(url: str) -> None:
+    with pytest.raises(InvalidURL, match=r"not one this service may fetch from \(ALLOWED_URL_HOSTS\)"):
+        LISTED.check(url, no_lookup)
+
+
+@pytest.mark.parametrize(
+    ("url", "fragment"),
+    [
+        ("http://cdn.example.com@evil.example/", "user name"),
+        ("http://cdn.example.com:443@evil.example/", "user name"),
+        ("http://cdn.example.com\\@evil.example/", "user name"),
+        ("http://cdn.example.com%2F@evil.example/", "user name"),
+        ("http://evil.example\\.cdn.example.com/", "not a valid host name"),
+        ("http://cdn%2Eexample.com/", "not a valid host name"),
+        ("http://%63dn.example.com/", "not a valid host name"),
+    ],
+)
+def test_a_url_that_only_mentions_a_listed_host_is_refused_before_any_lookup(url: str, fragment: str) -> None:
+    with pytest.raises(InvalidURL, match=fragment):
+        LISTED.check(url, no_lookup)
+
+
+def test_the_refusal_names_the_host_but_not_the_list() -> None:
+    with pytest.raises(InvalidURL) as refused:
+        LISTED.check("https://evil.example/", no_lookup)
+
+    assert "'evil.example'" in str(refused.value)
+    assert "cdn.example.com" not in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    ("url", "addresses", "reason"),
+    [
+        ("http://cdn.example.com/", ["169.254.169.254"], "link-local"),
+        ("http://bucket.s3.example.com/", ["8.8.8.8", "10.0.0.1"], "private"),
+        ("http://xn--bcher-kva.example/", ["::ffff:127.0.0.1"], "loopback"),
+    ],
+)
+def test_a_listed_name_is_still_refused_for_what_it_resolves_to(
+    url: str, addresses: list[str], reason: str
+) -> None:
+    with pytest.raises(InvalidURL, match=reason):
+        LISTED.check(url, table(*addresses))
+
+
+@pytest.mark.parametrize(
+    ("listed", "url", "reason"),
+    [
+        ("169.254.169.254", "http://169.254.169.254/latest/meta-data/", "link-local"),
+        ("[::1]", "http://[::1]/", "loopback"),
+        ("localhost", "http://localhost/", "loopback name"),
+        ("cdn.example.com", "http://cdn.example.com:8080/", "port 8080"),
+    ],
+)
+def test_listing_a_host_does_not_lift_the_rest_of_the_policy(listed: str, url: str, reason: str) -> None:
+    policy = UrlPolicy(allowed_hosts=HostAllowList.from_setting(listed))
+
+    with pytest.raises(InvalidURL, match=reason):
+        policy.check(url, resolve_numeric_only)
+
+
+def test_allow_private_does_not_lift_the_allow_list() -> None:
+    policy = UrlPolicy(allow_private=True, allowed_hosts=HostAllowList.from_setting("127.0.0.1"))
+
+    assert str(policy.check("http://127.0.0.1/", resolve_numeric_only).address) == "127.0.0.1"
+    with pytest.raises(InvalidURL, match="ALLOWED_URL_HOSTS"):
+        policy.check("http://127.0.0.2/", no_lookup)
