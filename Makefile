@@ -87,18 +87,23 @@ $(DEPLOY_STAMP): requirements.txt requirements-deploy.txt $(TOOLCHAIN)/choice \
 # fetches Lambda (manylinux) wheels from PyPI, so it runs here, outside the
 # isolated network the tests use.
 PACKAGE := build/package/deployment.zip
-# The bulk worker's queue, dead-letter queue, permissions and event source mapping
-# (README: Classify a bucket), merged into every stage's template: Chalice packages
-# every handler of app.py, the worker included, into each stage.
+# Each stage's template gets one merge template, written by tools/merge_templates.py:
+# the bulk worker's queue, dead-letter queue, permissions and event source mapping
+# (README: Classify a bucket), since Chalice packages every handler of app.py, the
+# worker included, into each stage; and the stage's front door (README: Securing the
+# API), rendered from its API_AUTH and front_door in .chalice/config.json.
 BULK_MERGE := .chalice/merge-template-bulk.json
+MERGE_TOOL := tools/merge_templates.py
+PROD_MERGE := build/merge-template-prod.json
 ONNX_PROJECT := build/onnx-project
 ONNX_PACKAGE := build/package-onnx/deployment.zip
 LAYER := build/layer/pytorch-layer.zip
 PACKAGE_ENV := AWS_DEFAULT_REGION=us-east-1
 
-$(PACKAGE): $(DEPLOY_STAMP) $(APP_SOURCES) $(PACKAGING_TOOLS) requirements.txt
+$(PACKAGE): $(DEPLOY_STAMP) $(APP_SOURCES) $(PACKAGING_TOOLS) $(MERGE_TOOL) requirements.txt
 	rm -rf build/package .chalice/deployments
-	$(PACKAGE_ENV) $(DEPLOY_CHALICE) package --stage prod --merge-template $(CURDIR)/$(BULK_MERGE) build/package
+	$(DEPLOY_PY) -m tools.merge_templates $(BULK_MERGE) --front-door prod --output $(PROD_MERGE)
+	$(PACKAGE_ENV) $(DEPLOY_CHALICE) package --stage prod --merge-template $(CURDIR)/$(PROD_MERGE) build/package
 	$(BYTECODE) build/package/*.zip
 	$(GATE) --requirements requirements.txt $@
 
@@ -107,14 +112,18 @@ package: $(PACKAGE)
 # The onnx stage: the same app with requirements-onnx.txt added (Chalice reads
 # only requirements.txt, so it gets a project copy of its own). PIP_NO_DEPS
 # keeps onnxruntime's unused dependencies out (see requirements-onnx.txt).
-$(ONNX_PACKAGE): $(DEPLOY_STAMP) $(APP_SOURCES) $(PACKAGING_TOOLS) requirements.txt requirements-onnx.txt
+ONNX_MERGE := $(ONNX_PROJECT)/merge-template-onnx.json
+
+$(ONNX_PACKAGE): $(DEPLOY_STAMP) $(APP_SOURCES) $(PACKAGING_TOOLS) $(MERGE_TOOL) requirements.txt \
+		requirements-onnx.txt
 	rm -rf $(ONNX_PROJECT) build/package-onnx
 	mkdir -p $(ONNX_PROJECT)/.chalice
 	tar -c --exclude=__pycache__ app.py chalicelib vendor | tar -x -C $(ONNX_PROJECT)
 	cp .chalice/config.json .chalice/policy-prod.json $(ONNX_PROJECT)/.chalice/
 	cat requirements.txt requirements-onnx.txt > $(ONNX_PROJECT)/requirements.txt
+	$(DEPLOY_PY) -m tools.merge_templates $(BULK_MERGE) --front-door onnx --output $(ONNX_MERGE)
 	cd $(ONNX_PROJECT) && PIP_NO_DEPS=1 $(PACKAGE_ENV) $(DEPLOY_CHALICE) package --stage onnx \
-		--merge-template $(CURDIR)/$(BULK_MERGE) $(CURDIR)/build/package-onnx
+		--merge-template $(CURDIR)/$(ONNX_MERGE) $(CURDIR)/build/package-onnx
 	$(BYTECODE) build/package-onnx/*.zip
 	$(GATE) --requirements $(ONNX_PROJECT)/requirements.txt $@ build/package-onnx/layer-deployment.zip
 
@@ -130,10 +139,10 @@ ONNX_SNAPSTART_PACKAGE := $(ONNX_SNAPSTART_DIR)/deployment.zip
 ONNX_SNAPSTART_MERGE := $(ONNX_PROJECT)/merge-template-onnx-snapstart.json
 
 $(ONNX_SNAPSTART_PACKAGE): $(ONNX_PACKAGE) .chalice/merge-template-snapstart.json $(BULK_MERGE) \
-		tools/merge_templates.py
+		$(MERGE_TOOL)
 	rm -rf $(ONNX_SNAPSTART_DIR)
 	$(DEPLOY_PY) -m tools.merge_templates .chalice/merge-template-snapstart.json $(BULK_MERGE) \
-		--output $(ONNX_SNAPSTART_MERGE)
+		--front-door onnx --output $(ONNX_SNAPSTART_MERGE)
 	cd $(ONNX_PROJECT) && PIP_NO_DEPS=1 $(PACKAGE_ENV) $(DEPLOY_CHALICE) package --stage onnx \
 		--merge-template $(CURDIR)/$(ONNX_SNAPSTART_MERGE) $(CURDIR)/$(ONNX_SNAPSTART_DIR)
 	$(BYTECODE) $(ONNX_SNAPSTART_DIR)/*.zip

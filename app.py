@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from chalice import Chalice, Response
 from chalice.app import Request, SQSEvent
 
-from chalicelib import demo_page, observability, snapstart
+from chalicelib import demo_page, front_door, observability, snapstart
 from chalicelib.current import get_holder, get_service, get_settings, run_bulk_batch, settings_or_none
 from chalicelib.payload import IMAGE_TYPES, JSON_TYPE, parse_invocation
 
@@ -74,7 +74,12 @@ def index() -> Response:
     return Response(body=demo_page.page(), headers=demo_page.HEADERS)
 
 
-@app.route("/invocations", methods=["POST"], content_types=[JSON_TYPE, *IMAGE_TYPES])
+@app.route(
+    "/invocations",
+    methods=["POST"],
+    content_types=[JSON_TYPE, *IMAGE_TYPES],
+    **front_door.route_options("protected"),
+)
 def invocations() -> dict[str, object]:
     request = app.current_request
     invocation = parse_invocation(
@@ -95,7 +100,7 @@ def ping() -> dict[str, object]:
     return {"status": "ok", "model_loaded": models.loaded}
 
 
-@app.route("/model", methods=["GET"])
+@app.route("/model", methods=["GET"], **front_door.route_options("protected"))
 def model() -> dict[str, object]:
     return _model_info(get_holder().model())
 

@@ -1,8 +1,8 @@
 """CORS: which web origins may call the API, decided per request.
 
-Chalice's own ``cors=`` is fixed when ``app.py`` is imported, which happens
-at packaging time on the developer's machine, before any stage's environment
-exists. So the headers are computed per request from ``CORS_ALLOW_ORIGIN``:
+Chalice's own ``cors=`` is fixed in the template when ``app.py`` is
+packaged, and its preflights are then answered by API Gateway, out of our
+hands. So the headers are computed per request from ``CORS_ALLOW_ORIGIN``:
 ``*`` for any origin (the dev stage), a comma-separated list of exact
 origins, or unset for no CORS at all (prod, until someone sets it). Anything
 else (``*`` among origins, a path, a missing scheme) is refused with a
@@ -16,7 +16,11 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 ALLOWED_METHODS = "GET, POST, OPTIONS"
-ALLOWED_HEADERS = "Content-Type"
+# Content-Type, and the credentials a front door asks for (chalicelib/front_door.py):
+# an API key, or an AWS SigV4 signature and its session token.
+ALLOWED_HEADERS = (
+    "Content-Type, x-api-key, Authorization, X-Amz-Date, X-Amz-Security-Token, X-Amz-Content-Sha256"
+)
 EXPOSED_HEADERS = "x-request-id"
 PREFLIGHT_MAX_AGE = "600"
 

@@ -17,11 +17,17 @@ from typing import Any
 
 import pytest
 
+from tests.support.packages import (
+    LINT_ERRORS_OR_WARNINGS,
+    ONNX_PACKAGE,
+    PACKAGE,
+    ROOT,
+    artefact,
+    cfn_lint,
+    template,
+)
 from tools.lambda_sim import Interpreter, function_properties, invoke, proxy_event, simulate
 
-ROOT = Path(__file__).resolve().parent.parent
-PACKAGE = ROOT / "build" / "package"
-ONNX_PACKAGE = ROOT / "build" / "package-onnx"
 ONNX_LAYER = ONNX_PACKAGE / "layer-deployment.zip"
 SIMULATION_PACKAGE = ROOT / "build" / "simulation" / "package"
 SIMULATION_LAYER = ROOT / "build" / "simulation" / "pytorch-layer-cp311-simulation-only.zip"
@@ -30,16 +36,6 @@ DEMO_MODEL = ROOT / "build" / "demo-model.tar.gz"
 CONFIG = json.loads((ROOT / ".chalice" / "config.json").read_text())
 DEPLOYED_RUNTIME = "python3.13"
 MIB = 1024 * 1024
-
-
-def artefact(path: Path) -> Path:
-    if not path.exists():
-        pytest.fail(f"{path.relative_to(ROOT)} is missing: run `make package package-onnx` (make test does).")
-    return path
-
-
-def template(package: Path = PACKAGE) -> dict[str, Any]:
-    return json.loads(artefact(package / "sam.json").read_text())
 
 
 def function_of(package: Path) -> dict[str, Any]:
@@ -65,14 +61,9 @@ def test_both_stages_are_packaged_for_python3_13(package: Path) -> None:
 
 @pytest.mark.parametrize("package", [PACKAGE, ONNX_PACKAGE], ids=["prod", "onnx"])
 def test_template_passes_cfn_lint_without_errors_or_warnings(package: Path) -> None:
-    result = subprocess.run(
-        [str(ROOT / ".venv" / "bin" / "cfn-lint"), str(artefact(package / "sam.json"))],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    result = cfn_lint(artefact(package / "sam.json"))
 
-    assert result.returncode & (2 | 4) == 0, result.stdout  # bit 2: errors, 4: warnings, 8: informational
+    assert result.returncode & LINT_ERRORS_OR_WARNINGS == 0, result.stdout
 
 
 def test_no_iam_statement_grants_anything_on_star_but_logs() -> None:
