@@ -59,6 +59,8 @@ def around_every_request(request: Request, get_response: Callable[[Request], Res
 @app.route("/invocations", methods=["OPTIONS"])
 @app.route("/model", methods=["OPTIONS"])
 @app.route("/ping", methods=["OPTIONS"])
+@app.route("/openapi.json", methods=["OPTIONS"])
+@app.route("/docs", methods=["OPTIONS"])
 def preflight() -> Response:
     """CORS preflight; the middleware adds the headers when the origin is allowed.
 
@@ -72,6 +74,22 @@ def preflight() -> Response:
 def index() -> Response:
     """The demo page: paste a URL or drop a file, see the top 5 classes."""
     return Response(body=demo_page.page(), headers=demo_page.HEADERS)
+
+
+@app.route("/openapi.json", methods=["GET"])
+def openapi_document() -> dict[str, object]:
+    """This API's OpenAPI 3.1 document, built from its routes and its exception tree."""
+    from chalicelib import openapi  # noqa: PLC0415 - read rarely: built on request, never at import
+
+    return openapi.document(app.routes)
+
+
+@app.route("/docs", methods=["GET"])
+def docs() -> Response:
+    """The OpenAPI document for people: our own static page, under the demo page's CSP."""
+    from chalicelib import openapi  # noqa: PLC0415 - as above
+
+    return Response(body=openapi.docs_page(), headers=demo_page.HEADERS)
 
 
 @app.route(

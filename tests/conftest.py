@@ -41,7 +41,8 @@ os.environ.update(
     }
 )
 
-pytest_plugins = ["tests.support.chalice_local"]
+# openapi_check: every response a test gets is checked against the OpenAPI document.
+pytest_plugins = ["tests.support.openapi_check", "tests.support.chalice_local"]
 
 MODEL_BUCKET = "models"
 DEMO_KEY = "demo/model.tar.gz"
@@ -90,16 +91,18 @@ def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Client]:
     chalice.test.Client lays a stage's environment_variables over the process
     environment for each request, so under ``dev`` a test could not switch
     the URL policy back on. Here each test's own environment is the whole
-    configuration; tests/test_config.py checks the real stages.
+    configuration; tests/test_config.py checks the real stages. Every
+    response is checked against the OpenAPI document (CheckedClient).
     """
     from app import app
+    from tests.support.openapi_check import CheckedClient
 
     project = tmp_path_factory.mktemp("project")
     (project / ".chalice").mkdir()
     (project / ".chalice" / "config.json").write_text(
         json.dumps({"version": "2.0", "app_name": "chalice-classifier", "stages": {"test": {}}})
     )
-    with Client(app, stage_name="test", project_dir=str(project)) as test_client:
+    with CheckedClient(app, stage_name="test", project_dir=str(project)) as test_client:
         yield test_client
 
 

@@ -5,6 +5,8 @@ at once with the server's own output: a server that exited (a port already
 taken, an import error) or never answered must not be mistaken for one
 that serves. Its output is read as it comes, so a server that logs a lot
 never blocks on a full pipe, and a test can read what it printed so far.
+The address it hands over is a proxy that checks every response against
+the OpenAPI document (tests/support/openapi_check.py).
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
+from tests.support.openapi_check import ContractProxy
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 READY_WITHIN_S = 60.0
@@ -72,7 +76,8 @@ def running_chalice_local(
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1", **(environment or {})},
     )  # fmt: skip
-    server = LocalServer(base=f"http://127.0.0.1:{port}", process=process)
+    proxy = ContractProxy(port)  # checks every response against the OpenAPI document
+    server = LocalServer(base=proxy.base, process=process)
     server._reader = threading.Thread(target=server._drain, daemon=True)
     server._reader.start()
     try:
@@ -80,6 +85,7 @@ def running_chalice_local(
         yield server
     finally:
         server.stop()
+        proxy.close()
 
 
 @pytest.fixture
