@@ -31,13 +31,20 @@ Measured, per image size and per backend where it applies:
   rounded up), not from the p50;
 - bulk: images per second through one bulk worker (the SQS handler, images
   in moto S3, one result written per image) at batch sizes 1 and 10, beside
-  the HTTP path's on the same images, and what 1,000 images cost at that rate.
+  the HTTP path's on the same images, and what 1,000 images cost at that rate;
+- dev server, at 640x480: ``make serve``'s server (tools/dev_server.py, one
+  per backend) answering on one kept-alive connection and on a new
+  connection per request, and the Chalice handler called on a new thread per
+  request in this process (the dev server's thread per connection, Lambda's
+  cold request), each against decode + preprocess + forward measured in the
+  same round.
 """
 
 from __future__ import annotations
 
 import argparse
 import compileall
+import http.client
 import io
 import json
 import logging
@@ -48,6 +55,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -72,7 +80,7 @@ from chalicelib.imaging import INTERPOLATIONS, to_model_input
 from chalicelib.model_holder import LoadedModel
 from chalicelib.model_store import parse_classes
 from chalicelib.prediction import softmax
-from tests.support.chalice_local import free_port
+from tests.support.chalice_local import free_port, running_chalice_local
 from tools.lambda_sim import image_host, proxy_event
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -86,8 +94,8 @@ PRICE_PER_MILLION_REQUESTS = 0.20
 # Reported name -> MODEL_BACKEND value.
 BACKENDS = {"torchscript": "torch", "onnx": "onnx"}
 # "warm": everything measured in this process; "cold-start": fresh processes;
-# "bulk": the bulk worker's throughput.
-PARTS = ("warm", "cold-start", "bulk")
+# "bulk": the bulk worker's throughput; "dev-server": make serve's server and fresh threads.
+PARTS = ("warm", "cold-start", "bulk", "dev-server")
 BULK_BATCH_SIZES = (1, 10)
 # Beyond Lambda's duration: per 1,000 images, S3 (a HEAD, a GET and a PUT
 # each) and SQS (a send, a receive and a delete per message, ten to a call).
@@ -452,6 +460,10 @@ def run(parts: Sequence[str], rounds: int, requests_per_size: int, naive_per_siz
             result["cold_start"] = {backend: cold_start(urls, rounds, backend) for backend in BACKENDS}
         if "bulk" in parts:
             result["bulk"] = bulk_throughput(images, urls, rounds)
+        if "dev-server" in parts:
+            result["dev_server"] = dev_server(
+                images[DEV_SERVER_SIZE], urls[DEV_SERVER_SIZE], rounds, requests_per_size
+            )
     return result
 
 
@@ -554,6 +566,139 @@ def accuracy_check(naive: Naive, ours: LoadedModel) -> dict[str, Any]:
     return {"photos": list(ACCURACY_PHOTOS), "top1_unchanged": same_top1, "max_probability_change": worst}
 
 
+DEV_SERVER_SIZE = "640x480"
+Round = dict[str, list[float]]  # one round's samples (seconds), by what was measured
+# How a request reaches the service in the dev-server part, per backend.
+DEV_SERVER_PATHS = ("keep_alive", "new_connection", "fresh_thread")
+
+
+class DevServerClient:
+    """``POST /invocations`` to one dev server, on one kept-alive connection or on a new one each time."""
+
+    def __init__(self, port: int, image_url: str) -> None:
+        self._port = port
+        self._body = json.dumps({"url": image_url}).encode()
+        self._kept = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+
+    def kept_alive(self) -> None:
+        self._classify(self._kept)
+
+    def new_connection(self) -> None:
+        connection = http.client.HTTPConnection("127.0.0.1", self._port, timeout=60)
+        try:
+            self._classify(connection, "close")
+        finally:
+            connection.close()
+
+    def close(self) -> None:
+        self._kept.close()
+
+    def _classify(self, connection: http.client.HTTPConnection, keep: str = "keep-alive") -> None:
+        connection.request(
+            "POST", "/invocations", self._body, {"Content-Type": "application/json", "Connection": keep}
+        )
+        response = connection.getresponse()
+        body = response.read()
+        if response.status != 200:
+            raise RuntimeError(f"dev server answered {response.status}: {body[:300]!r}")
+
+
+@contextmanager
+def dev_servers(image_url: str) -> Iterator[dict[str, DevServerClient]]:
+    """One dev server per backend, started as ``make serve`` starts it, each with a model cache of its own.
+
+    Each is addressed on its own port, not through the test suite's contract
+    proxy, so what is timed is the server alone.
+    """
+    with ExitStack() as stack:
+        clients = {}
+        for backend, setting in BACKENDS.items():
+            port = free_port()
+            environment = {
+                "MODEL_BACKEND": setting,
+                "MODEL_CACHE_DIR": tempfile.mkdtemp(prefix="bench-serve-"),
+            }
+            stack.enter_context(running_chalice_local(port, environment=environment))
+            clients[backend] = DevServerClient(port, image_url)
+            stack.callback(clients[backend].close)
+        yield clients
+
+
+def in_new_thread(call: Callable[[], object]) -> None:
+    """``call`` on a thread of its own, started for it, as the dev server does per connection."""
+    failures: list[BaseException] = []
+
+    def run_call() -> None:
+        try:
+            call()
+        except BaseException as error:  # handed to the caller, as a thread cannot raise it
+            failures.append(error)
+
+    thread = threading.Thread(target=run_call)
+    thread.start()
+    thread.join()
+    if failures:
+        raise failures[0]
+
+
+def dev_server(image: bytes, image_url: str, rounds: int, requests_per_path: int) -> dict[str, Any]:
+    """Each backend through the dev server (kept-alive and new connections) and on fresh threads here."""
+    handler = Lambda()
+    models = {backend: loaded_model(handler, backend, image_url) for backend in BACKENDS}
+    preprocessing = models["torchscript"].preprocessing
+    ready = to_model_input(decode_image(image, max_pixels=10**9), preprocessing)
+    per_round: list[Round] = []
+    with dev_servers(image_url) as clients:
+        for _ in range(rounds):
+            samples = {
+                "parts": timed(
+                    lambda: to_model_input(
+                        decode_image(image, max_pixels=10**9, min_short_side=preprocessing.resize),
+                        preprocessing,
+                    ),
+                    requests_per_path,
+                )
+            }
+            for backend, client in clients.items():
+                classifier = models[backend].classifier
+                use_backend(backend)
+                samples[f"forward {backend}"] = timed(
+                    lambda c=classifier: c.scores([ready]), requests_per_path
+                )
+                samples[f"keep_alive {backend}"] = timed(client.kept_alive, requests_per_path)
+                samples[f"new_connection {backend}"] = timed(client.new_connection, requests_per_path)
+                samples[f"fresh_thread {backend}"] = timed(
+                    lambda: in_new_thread(lambda: handler.classify(image_url)), requests_per_path
+                )
+            per_round.append(samples)
+    return summarize_dev_server(per_round)
+
+
+def summarize_dev_server(per_round: list[Round]) -> dict[str, Any]:
+    """p50s pooled over the rounds; ratios the median of each round's own ratio."""
+
+    def pooled_p50_ms(key: str) -> float:
+        return p50([sample for samples in per_round for sample in samples[key]]) * 1000
+
+    def ratio(numerator: Callable[[Round], float], denominator: Callable[[Round], float]) -> float:
+        return p50([numerator(samples) / denominator(samples) for samples in per_round])
+
+    summary: dict[str, Any] = {"size": DEV_SERVER_SIZE, "parts_p50_ms": pooled_p50_ms("parts")}
+    for backend in BACKENDS:
+        row: dict[str, float] = {"forward_p50_ms": pooled_p50_ms(f"forward {backend}")}
+        for path in DEV_SERVER_PATHS:
+            key = f"{path} {backend}"
+            row[f"{path}_p50_ms"] = pooled_p50_ms(key)
+            row[f"{path}_over_parts"] = ratio(
+                lambda r, k=key: p50(r[k]), lambda r, b=backend: p50(r["parts"]) + p50(r[f"forward {b}"])
+            )
+        row["keep_alive_over_new_connection"] = ratio(
+            lambda r, b=backend: p50(r[f"keep_alive {b}"]), lambda r, b=backend: p50(r[f"new_connection {b}"])
+        )
+        summary[backend] = row
+    return summary
+
+
 def summarize(
     *,
     per_round: list[dict[str, list[float]]],
@@ -607,8 +752,10 @@ def summarize(
 
 def targets(result: dict[str, Any]) -> list[tuple[str, float, float, bool]]:
     """The targets of the parts this run measured."""
-    rows = (warm_targets(result) if "sizes" in result else []) + (
-        cold_targets(result) if "cold_start" in result else []
+    rows = (
+        (warm_targets(result) if "sizes" in result else [])
+        + (cold_targets(result) if "cold_start" in result else [])
+        + (dev_server_targets(result) if "dev_server" in result else [])
     )
     return [(name, value, limit, value <= limit) for name, value, limit in rows]
 
@@ -654,6 +801,32 @@ def cold_targets(result: dict[str, Any]) -> list[tuple[str, float, float]]:
     ]
 
 
+def dev_server_targets(result: dict[str, Any]) -> list[tuple[str, float, float]]:
+    served = result["dev_server"]
+    size = served["size"]
+    rows = []
+    for backend in BACKENDS:
+        row = served[backend]
+        rows += [
+            (
+                f"{backend}: dev server, keep-alive / new connection, {size}",
+                row["keep_alive_over_new_connection"],
+                1.10,
+            ),
+            (
+                f"{backend}: dev server, new connection / (decode+preprocess+forward)",
+                row["new_connection_over_parts"],
+                1.35,
+            ),
+            (
+                f"{backend}: fresh thread / (decode+preprocess+forward), {size}",
+                row["fresh_thread_over_parts"],
+                1.35,
+            ),
+        ]
+    return rows
+
+
 def print_table(result: dict[str, Any]) -> None:
     print(f"\n{result['machine']}; {result['rounds']} rounds, percentiles over all of them")
     measured_warm = "sizes" in result
@@ -664,9 +837,11 @@ def print_table(result: dict[str, Any]) -> None:
         print_cold(result)
     if "bulk" in result:
         print_bulk(result)
-    print(f"\n{'target':58} {'value':>7} {'limit':>6}")
+    if "dev_server" in result:
+        print_dev_server(result)
+    print(f"\n{'target':70} {'value':>7} {'limit':>6}")
     for name, value, limit, met in targets(result):
-        print(f"{name:58} {value:7.3f} {limit:6.2f}  {'met' if met else 'MISSED'}")
+        print(f"{name:70} {value:7.3f} {limit:6.2f}  {'met' if met else 'MISSED'}")
     if measured_warm:
         print("\nforward experiments, TorchScript (p50 ms unless marked):")
         for name, value in result["forward_experiments_ms"].items():
@@ -721,6 +896,24 @@ def print_bulk(result: dict[str, Any]) -> None:
             http, one, ten = (rates[f"{path}_images_per_s"] for path in ("http", "batch_1", "batch_10"))
             cost = rates["cost_per_1000_images_usd"]
             print(f"{size:10} {backend:12} {http:7.1f} {one:8.1f} {ten:9.1f} {cost:7.4f}")
+
+
+def print_dev_server(result: dict[str, Any]) -> None:
+    served = result["dev_server"]
+    print(
+        f"\ndev server (make serve) and fresh threads, {served['size']}, p50 ms; "
+        f"decode+preprocess {served['parts_p50_ms']:.1f}"
+    )
+    print(
+        f"{'backend':12} {'forward':>8} {'keep-alive':>11} {'new conn.':>10} {'new thread':>11} {'ka/new':>7}"
+    )
+    for backend in BACKENDS:
+        row = served[backend]
+        print(
+            f"{backend:12} {row['forward_p50_ms']:8.1f} {row['keep_alive_p50_ms']:11.1f} "
+            f"{row['new_connection_p50_ms']:10.1f} {row['fresh_thread_p50_ms']:11.1f} "
+            f"{row['keep_alive_over_new_connection']:7.2f}"
+        )
 
 
 def print_cold(result: dict[str, Any]) -> None:

@@ -2,23 +2,36 @@
 
 The demo archive carries both formats of the same EfficientNet-Lite0; the
 selection rules run on the small colour model in every combination of files
-and settings, through the real app.
+and settings, through the real app. The TorchScript backend's forward passes
+are also watched for page faults: a pass that faults its working memory in
+again costs more than its convolutions, and only the kernel's count shows it
+without timing anything.
 """
 
 from __future__ import annotations
 
 import base64
+import gc
 import json
 import os
+import resource
 import subprocess
 import sys
 import tarfile
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from chalice.test import Client
 
+from chalicelib.backends import import_backend
+from chalicelib.current import get_service
+from chalicelib.decoding import decode_image
+from chalicelib.imaging import to_model_input
+from chalicelib.model_store import parse_classes
 from chalicelib.settings import DEMO_ARCHIVE
 from tests.support.api import JSON, classify, error_of
 from tests.support.archives import (
@@ -31,6 +44,9 @@ from tests.support.archives import (
 from tests.support.http_server import RoutedHTTPServer
 
 ROOT = Path(__file__).resolve().parent.parent
+# A pass of the demo model writes tens of megabytes of outputs; a warm one
+# may fault in at most this much fresh memory (a megabyte of 4 KiB pages).
+WARM_PASS_PAGE_FAULTS = 256
 CLASSES = "\n".join(COLOUR_CLASSES).encode()
 ARCHIVES = {
     "both": {"model.pt": traced_colour_model(), "model.onnx": onnx_colour_model(), "classes.txt": CLASSES},
@@ -208,3 +224,67 @@ def test_the_url_path_classifies_on_onnx_too(
     monkeypatch.setenv("MODEL_BACKEND", "onnx")
 
     assert classify(client, image_server.url("/chelsea.jpg")).json_body["class"] == "Egyptian cat"
+
+
+def test_a_warm_torchscript_pass_faults_in_no_fresh_memory_whichever_thread_asks(
+    client: Client,
+    image_server: RoutedHTTPServer,
+    photos: dict[str, bytes],
+    demo_from_s3: None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """As the dev server asks, a new thread per connection, and as Lambda does, the same thread each time.
+
+    Loaded through the app, so the process's allocator settings are the
+    service's (chalicelib.budgets sets one).
+    """
+    monkeypatch.setenv("MODEL_BACKEND", "torch")
+    assert classify(client, image_server.url("/coffee.jpg")).json_body["class"] == "espresso"
+    loaded = get_service().models.model()
+    image = to_model_input(decode_image(photos["coffee"], max_pixels=10**8), loaded.preprocessing)
+
+    def one_pass() -> None:
+        loaded.classifier.scores([image])
+
+    for _ in range(3):
+        one_pass()
+        _on_a_new_thread(one_pass)
+    # The fewest of a few tries: the count is the whole process's, and another thread may fault meanwhile.
+    faults = [
+        min(_page_faults_of(one_pass) for _ in range(5)),
+        min(_page_faults_of(lambda: _on_a_new_thread(one_pass)) for _ in range(5)),
+    ]
+
+    assert max(faults) < WARM_PASS_PAGE_FAULTS, faults
+
+
+def test_a_dropped_torchscript_classifier_takes_its_threads_with_it(tmp_path: Path) -> None:
+    """A model refresh drops the old classifier: its forward threads (and their memory) must not stay."""
+    with tarfile.open(DEMO_ARCHIVE) as archive:
+        archive.extractall(tmp_path, filter="data")
+    classes = parse_classes((tmp_path / "classes.txt").read_bytes())
+    before = set(threading.enumerate())
+    classifier = import_backend("torch").load_classifier(tmp_path / "efficientnet_lite0.pt", classes, 224, 1)
+    started = set(threading.enumerate()) - before
+    assert started, "the classifier runs its passes on threads of its own"
+
+    del classifier
+    gc.collect()
+    deadline = time.monotonic() + 30
+    while any(thread.is_alive() for thread in started) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+    assert not any(thread.is_alive() for thread in started)
+
+
+def _page_faults_of(call: Callable[[], object]) -> int:
+    """The page faults the whole process took while ``call`` ran (minor ones: fresh memory)."""
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    call()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+
+def _on_a_new_thread(call: Callable[[], object]) -> None:
+    thread = threading.Thread(target=call)
+    thread.start()
+    thread.join()

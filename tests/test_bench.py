@@ -14,6 +14,8 @@ from bench.run import (
     lambda_cost_per_million,
     percentile,
     summarize,
+    summarize_dev_server,
+    targets,
 )
 
 
@@ -60,6 +62,45 @@ def test_the_cold_start_clock_stops_at_the_first_answer_not_at_exit() -> None:
 def test_a_child_that_fails_is_reported_with_its_error() -> None:
     with pytest.raises(RuntimeError, match=r"cold start child failed \(1\): .*no model here"):
         first_answer("import sys\nsys.exit('no model here')\n", [], {})
+
+
+def test_dev_server_ratios_are_each_rounds_own_and_its_p50s_pool_the_rounds() -> None:
+    # One round stalls on its kept-alive connection (40 ms against 10); two do not (11 against 10).
+    per_round = [
+        _dev_server_round(keep_alive=0.040),
+        _dev_server_round(keep_alive=0.011),
+        _dev_server_round(0.011),
+    ]
+
+    summary = summarize_dev_server(per_round)
+    row = summary["torchscript"]
+
+    assert row["keep_alive_over_new_connection"] == pytest.approx(1.1)
+    assert row["keep_alive_p50_ms"] == pytest.approx(11.0)
+    assert row["new_connection_over_parts"] == pytest.approx(0.010 / (0.003 + 0.005))
+    assert row["fresh_thread_over_parts"] == pytest.approx(0.009 / (0.003 + 0.005))
+
+
+def test_a_stalling_dev_server_misses_its_keep_alive_target() -> None:
+    summary = summarize_dev_server([_dev_server_round(keep_alive=0.050)])
+
+    met = {name: met for name, _, _, met in targets({"dev_server": summary})}
+
+    assert met["onnx: dev server, keep-alive / new connection, 640x480"] is False
+    assert met["onnx: fresh thread / (decode+preprocess+forward), 640x480"] is True
+
+
+def _dev_server_round(keep_alive: float) -> dict[str, list[float]]:
+    """One dev-server round: 10 ms on a new connection, 9 ms on a fresh thread, 3 + 5 ms of parts."""
+    samples = {"parts": [0.003]}
+    for backend in BACKENDS:
+        samples |= {
+            f"forward {backend}": [0.005],
+            f"keep_alive {backend}": [keep_alive],
+            f"new_connection {backend}": [0.010],
+            f"fresh_thread {backend}": [0.009],
+        }
+    return samples
 
 
 def _round(e2e: list[float]) -> dict[str, list[float]]:

@@ -1,4 +1,4 @@
-"""`chalice local` on the dev stage, as `make serve` runs it, for tests that need a real server.
+"""`chalice local` on the dev stage, started as `make serve` starts it (tools/dev_server.py), for tests.
 
 The fixture hands over a server that answers ``/ping``, or fails the test
 at once with the server's own output: a server that exited (a port already
@@ -39,6 +39,11 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def dev_server_command(port: int) -> list[str]:
+    """The command of `make serve`'s recipe, with this Python and ``port``."""
+    return [sys.executable, "-m", "tools.dev_server", "--host", "127.0.0.1", "--port", str(port)]
+
+
 @dataclass
 class LocalServer:
     base: str
@@ -71,8 +76,7 @@ def running_chalice_local(
 ) -> Iterator[LocalServer]:
     """The server once it answers; stopped (whole process group) afterwards."""
     process = subprocess.Popen(
-        [str(Path(sys.executable).parent / "chalice"), "local", "--no-autoreload", "--stage", "dev",
-         "--host", "127.0.0.1", "--port", str(port)],
+        dev_server_command(port),
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1", **(environment or {})},
     )  # fmt: skip
