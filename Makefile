@@ -17,7 +17,7 @@ PORT ?= 8000
 .DELETE_ON_ERROR:
 
 .PHONY: serve test model package package-onnx package-onnx-snapstart layer lambda-sim wheels-check deploy \
-	deploy-artifacts bench browser lint format clean classify-bucket
+	deploy-artifacts bench bench-peers browser lint format clean classify-bucket
 
 $(STAMP): requirements.txt requirements-onnx.txt requirements-deploy.txt requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -213,16 +213,35 @@ deploy: $(STAGE_DIR)/deployment.zip
 	$(AWS) cloudformation deploy --template-file $(STAGE_DIR)/packaged.yaml --stack-name $(STACK) \
 		--capabilities CAPABILITY_IAM $(if $(PARAMETERS),--parameter-overrides $(PARAMETERS))
 
+# What `make serve` needs, and so what bench-peers needs to start ours the same way.
+SERVE_DEPS := $(STAMP) $(DEMO_MODEL)
+
 bench: $(STAMP) $(DEMO_MODEL)
 	tools/isolated_network.sh $(BIN)/python -m bench.run $(BENCH_ARGS)
+
+# A peer: TorchServe beside ours (README: Performance). TorchServe and the CPU torch
+# it runs on live in a venv of their own under build/peers (with Debian's Java runtime
+# when the machine has none new enough), rebuilt only when tools/torchserve_env.sh or
+# its requirements change. bench-peers starts ours as `make serve` does
+# (bench/peers_ours.py reads the serve target), so it needs what serve needs.
+# Not part of `make test`.
+PEERS_VENV := build/peers/venv
+PEERS_STAMP := $(PEERS_VENV)/.installed
+
+$(PEERS_STAMP): tools/torchserve_env.sh bench/torchserve/requirements.txt
+	PYTHON=$(PYTHON) tools/torchserve_env.sh $(PEERS_VENV)
+
+bench-peers: $(SERVE_DEPS) $(PEERS_STAMP)
+	tools/isolated_network.sh $(BIN)/python -m bench.peers --torchserve-venv $(PEERS_VENV) $(BENCH_PEERS_ARGS)
 
 # Classify every image under an S3 prefix through the deployed worker, or --local in this
 # process: make classify-bucket ARGS="s3://photos/in/ --results s3://photos/results/ --local"
 classify-bucket: $(STAMP) $(DEMO_MODEL)
 	$(BIN)/python -m tools.classify_bucket $(ARGS)
 
-serve: $(STAMP) $(DEMO_MODEL)
-	$(BIN)/chalice local --no-autoreload --stage dev --host 127.0.0.1 --port $(PORT)
+# chalice local, with TCP_NODELAY on every connection (tools/dev_server.py says why).
+serve: $(SERVE_DEPS)
+	$(BIN)/python -m tools.dev_server --host 127.0.0.1 --port $(PORT)
 
 # The demo page is tested in a real headless Chromium, from Debian's packages.
 browser:
