@@ -713,4 +713,7 @@ def _parse_manifest(raw: bytes) -> Mapping[str, Any]:
         raise ModelUnavailable(f"manifest.json is not valid JSON ({error}).") from error
     if not isinstance(manifest, dict):
         raise ModelUnavailable(f"manifest.json must hold a JSON object, got {type(manifest).__name__}.")
+    name = manifest.get("name")
+    if name is not None and not isinstance(name, str):  # GET /model and every bulk result show it
+        raise ModelUnavailable(f"manifest.json's name must be a string, got {json.dumps(name)[:60]}.")
     return manifest

@@ -126,6 +126,12 @@ BAD_ARCHIVES = {
         tar_gz({"model.pt": traced_colour_model(), "classes.txt": _classes(), "manifest.json": b"{"}),
         "manifest.json is not valid JSON",
     ),
+    "manifest-name-not-text": (
+        tar_gz(
+            {"model.pt": traced_colour_model(), "classes.txt": _classes(), "manifest.json": b'{"name": 5}'}
+        ),
+        "manifest.json's name must be a string, got 5",
+    ),
     "crop-larger-than-resize": (
         tar_gz(
             {
