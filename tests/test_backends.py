@@ -180,7 +180,7 @@ def test_the_onnx_path_never_imports_torch(tmp_path: Path, photos: dict[str, byt
     """A fresh interpreter: import the app, classify a photo on ONNX, then look for torch."""
     script = """
 import base64, json, sys
-from chalice.test import Client
+from tests.support.openapi_check import CheckedClient as Client
 from app import app
 with Client(app) as client:
     body = json.dumps({"image": base64.b64encode(sys.stdin.buffer.read()).decode()})

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from tests.support.openapi_check import assert_lambda_response_conforms
 from tests.support.packages import (
     LINT_ERRORS_OR_WARNINGS,
     ONNX_PACKAGE,
@@ -135,12 +136,14 @@ def test_the_onnx_deployment_fits_lambda_with_no_torch() -> None:
 
 def test_the_python3_13_onnx_package_classifies_a_real_photo(runtime_python: Interpreter) -> None:
     result = simulate(ONNX_PACKAGE, [artefact(ONNX_LAYER)], artefact(DEMO_MODEL), 3, runtime_python)
-    print(json.dumps({k: v for k, v in result.items() if k != "responses"}))
+    print(json.dumps({k: v for k, v in result.items() if k not in ("responses", "exchanges")}))
 
     responses = result["responses"]
     assert [r["statusCode"] for r in responses] == [200] * 4
     assert {json.loads(r["body"])["class"] for r in responses} == {"espresso"}
     assert result["backend"] == "onnx"
+    for exchange in result["exchanges"]:
+        assert_lambda_response_conforms(exchange["request"], exchange["response"])
     assert result["runtime"] == DEPLOYED_RUNTIME
     assert result["interpreter"].startswith("CPython 3.13.")
     assert result["simulation"] == "the python3.13 package on a real CPython 3.13"
@@ -150,12 +153,14 @@ def test_the_torch_code_path_runs_on_the_simulation_only_layer() -> None:
     """The demo archive carries both formats: the prod package, which has no onnxruntime, serves it
     with TorchScript. On python3.11 with the cp311 layer: a code-path simulation, and it says so."""
     result = simulate(SIMULATION_PACKAGE, [artefact(SIMULATION_LAYER)], artefact(DEMO_MODEL), 3)
-    print(json.dumps({k: v for k, v in result.items() if k != "responses"}))
+    print(json.dumps({k: v for k, v in result.items() if k not in ("responses", "exchanges")}))
 
     responses = result["responses"]
     assert [r["statusCode"] for r in responses] == [200] * 4
     assert {json.loads(r["body"])["class"] for r in responses} == {"espresso"}
     assert result["backend"] == "torchscript"
+    for exchange in result["exchanges"]:
+        assert_lambda_response_conforms(exchange["request"], exchange["response"])
     assert result["simulation"].startswith("code path only: pytorch-layer-cp311-simulation-only.zip")
     assert result["tmp_used_mib"] <= 0.6 * 512  # of Lambda's default /tmp: the model's files only
     # torch's libraries are in memory: all of it must fit the prod function's memory with room to spare.

@@ -106,7 +106,8 @@ def memory_kib():
 for number, event in enumerate(config["events"]):
     started = time.monotonic()
     response = handler(event, Context(f"sim-{number}"))
-    result = {"response": response, "seconds": time.monotonic() - started, **memory_kib()}
+    request = {name: event.get(name) for name in ("httpMethod", "path", "queryStringParameters")}
+    result = {"request": request, "response": response, "seconds": time.monotonic() - started, **memory_kib()}
     print(config["marker"] + json.dumps(result), flush=True)
 """
 
@@ -322,6 +323,8 @@ def simulate(
             else f"the {interpreter.runtime} package on a real CPython {interpreter.runtime[6:]}"
         ),
         "responses": [r["response"] for r in results],
+        # Every API Gateway request with its answer, the /model one included.
+        "exchanges": [{"request": r["request"], "response": r["response"]} for r in run.results],
         "backend": json.loads(model["response"]["body"]).get("backend"),
         "cold_start_seconds": round(run.cold_start, 3),
         "warm_p50_seconds": round(warm[len(warm) // 2], 4) if warm else None,
@@ -689,6 +692,7 @@ def main() -> None:
         return
     result = simulate(args.package, args.layer or [], args.model, args.warm_requests, interpreter)
     answers = [f"{r['statusCode']} {json.loads(r['body']).get('class')}" for r in result.pop("responses")]
+    del result["exchanges"]  # the answers say it shortly
     print(json.dumps({**result, "answers": sorted(set(answers))}))
 
 

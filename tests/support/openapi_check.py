@@ -21,6 +21,7 @@ lacks the ``MethodNotAllowed`` one.
 
 from __future__ import annotations
 
+import base64
 import http.client
 import io
 import json
@@ -31,6 +32,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
+from urllib.parse import urlencode
 
 import pytest
 from chalice.app import Chalice
@@ -178,6 +180,18 @@ def contract() -> ContractChecker:
 def assert_conforms(exchange: Exchange, checker: ContractChecker | None = None) -> None:
     problems = (checker or contract()).problems(exchange)
     assert not problems, "The response does not match the OpenAPI document:\n" + "\n".join(problems)
+
+
+def assert_lambda_response_conforms(request: Mapping[str, Any], response: Mapping[str, Any]) -> None:
+    """A Lambda proxy response to ``request`` (its ``httpMethod``, ``path``, ``queryStringParameters``),
+    as the Lambda simulations report them: what API Gateway would send on."""
+    body = response.get("body") or ""
+    data = base64.b64decode(body) if response.get("isBase64Encoded") else body.encode()
+    sent = {"Content-Type": "application/json"} if data else {}
+    sent.update(response.get("headers") or {})
+    query = request.get("queryStringParameters")
+    target = request["path"] + (f"?{urlencode(query)}" if query else "")
+    assert_conforms(Exchange(request["httpMethod"], target, response["statusCode"], sent, data))
 
 
 # --- chalice.test.Client ------------------------------------------------------------------------
