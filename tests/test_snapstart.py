@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from chalicelib import snapstart
+from tests.support.openapi_check import assert_lambda_response_conforms
 from tools.lambda_sim import Interpreter
 from tools.snapstart_sim import STAND_IN, SnapStartRun, answers, run_snapstart
 
@@ -39,6 +40,11 @@ ALIAS_INTEGRATION = {
 }
 BEFORE_SNAPSHOT = "before_snapshot chalicelib.snapstart.load_and_warm"
 AFTER_RESTORE = "after_restore chalicelib.snapstart.renew_after_restore"
+# What tools/snapstart_sim.py asks each restored copy: two classifications, then GET /model.
+SIMULATED_REQUESTS = [
+    *[{"httpMethod": "POST", "path": "/invocations", "queryStringParameters": None}] * 2,
+    {"httpMethod": "GET", "path": "/model", "queryStringParameters": None},
+]
 
 
 def built(path: Path) -> Path:
@@ -136,6 +142,8 @@ def test_restored_copies_answer_from_the_snapshot_in_the_hooks_order(runtime_pyt
         assert copy.lifecycle == [AFTER_RESTORE, "invoke"]
         assert answers(copy.responses[:2]) == ["200 espresso"] * 2
         assert json.loads(copy.responses[2]["body"])["backend"] == "onnx"
+        for request, response in zip(SIMULATED_REQUESTS, copy.responses, strict=True):
+            assert_lambda_response_conforms(request, response)
         # The model came with the snapshot: a restored copy asks nothing of S3, not even credentials.
         assert (copy.s3_requests, copy.credential_fetches) == (0, 0)
         assert copy.restore_path_seconds < run.snapshot["seconds"]  # init took the model load
@@ -210,6 +218,7 @@ def test_a_model_missing_when_the_version_is_published_still_gives_a_snapshot_an
     (copy,) = run.copies
     first = copy.responses[0]
     assert first["statusCode"] == 503
+    assert_lambda_response_conforms(SIMULATED_REQUESTS[0], first)
     assert json.loads(first["body"])["Code"] == "ModelUnavailable"
 
 
