@@ -41,8 +41,9 @@ os.environ.update(
     }
 )
 
-# openapi_check: every response a test gets is checked against the OpenAPI document.
-pytest_plugins = ["tests.support.openapi_check", "tests.support.chalice_local"]
+# openapi_check: every response a test gets is checked against the OpenAPI document;
+# browser: headless Chromium for the pages.
+pytest_plugins = ["tests.support.openapi_check", "tests.support.chalice_local", "tests.support.browser"]
 
 MODEL_BUCKET = "models"
 DEMO_KEY = "demo/model.tar.gz"

@@ -1,8 +1,6 @@
 """The demo page, in a real headless Chromium against `chalice local`.
 
-Chromium and chromedriver come from Debian (`make test` installs them);
-selenium is told exactly where both are, so it never tries to download one.
-Screenshots are saved to test-artifacts/ for a person to look at.
+Chromium is tests/support/browser.py's. Screenshots are saved to test-artifacts/ for a person to look at.
 
 `chalice local` never asks for an API key, so for the page's side of the
 front door a proxy on loopback stands in for API Gateway, which cannot run
@@ -14,14 +12,11 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from chalice.test import Client
 from selenium import webdriver
-from selenium.webdriver.chrome.options import Options
-from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.ui import WebDriverWait
@@ -36,32 +31,6 @@ ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
 CONFIG = json.loads((ROOT / ".chalice" / "config.json").read_text())
 KEY = "k3y-0f-th3-t3st-0nly"
-CHROMIUM_FLAGS = (
-    "--headless=new",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-dev-shm-usage",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--disable-quic",
-    "--no-first-run",
-    "--window-size=900,1300",
-)
-
-
-@pytest.fixture
-def browser(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[webdriver.Chrome]:
-    monkeypatch.setenv("SE_OFFLINE", "true")  # selenium must not look for drivers online
-    options = Options()
-    options.binary_location = "/usr/bin/chromium"
-    for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
-    try:
-        yield driver
-    finally:
-        driver.quit()
 
 
 def test_the_page_is_served_with_a_strict_content_security_policy(client: Client) -> None:

@@ -25,12 +25,10 @@ from app import app
 from chalicelib import demo_page, front_door
 from chalicelib.errors import ClassifierError
 from chalicelib.openapi import BULK_ONLY_ERRORS, METHOD_NOT_ALLOWED, UNKNOWN_ROUTE, codes_by_status, document
-from tests import test_demo_page
 from tests.support.chalice_local import LocalServer
 from tests.support.openapi_check import CheckedClient, ContractChecker, Exchange, contract
 
 pytest_plugins = ["pytester"]
-browser = test_demo_page.browser  # headless Chromium from Debian, as the demo page's tests drive it
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
