@@ -22,6 +22,7 @@ import pytest
 
 from chalicelib import snapstart
 from tests.support.openapi_check import assert_lambda_response_conforms
+from tests.support.packages import artefact
 from tools.lambda_sim import Interpreter
 from tools.snapstart_sim import STAND_IN, SnapStartRun, answers, run_snapstart
 
@@ -47,17 +48,8 @@ SIMULATED_REQUESTS = [
 ]
 
 
-def built(path: Path) -> Path:
-    if not path.exists():
-        pytest.fail(
-            f"{path.relative_to(ROOT)} is missing: run `make package-onnx package-onnx-snapstart` "
-            "(make test does)."
-        )
-    return path
-
-
 def resources(package: Path) -> dict[str, Any]:
-    return json.loads(built(package / "sam.json").read_text())["Resources"]
+    return json.loads(artefact(package / "sam.json").read_text())["Resources"]
 
 
 def integrations(package: Path) -> dict[tuple[str, str], Any]:
@@ -79,12 +71,12 @@ def log_records(run: SnapStartRun) -> list[dict[str, Any]]:
 @pytest.fixture(scope="module")
 def runtime_python() -> Interpreter:
     """CPython 3.13, as Lambda's python3.13 runtime runs it (make builds it; see tools/debian_root.sh)."""
-    return Interpreter.from_command([str(built(RUNTIME_PYTHON))])
+    return Interpreter.from_command([str(artefact(RUNTIME_PYTHON))])
 
 
 def test_the_snapstart_template_passes_cfn_lint_without_errors_or_warnings() -> None:
     result = subprocess.run(
-        [str(ROOT / ".venv" / "bin" / "cfn-lint"), str(built(PACKAGE / "sam.json"))],
+        [str(ROOT / ".venv" / "bin" / "cfn-lint"), str(artefact(PACKAGE / "sam.json"))],
         capture_output=True,
         text=True,
         check=False,
@@ -133,7 +125,7 @@ def test_api_gateway_may_invoke_the_alias_and_nothing_else() -> None:
 
 
 def test_restored_copies_answer_from_the_snapshot_in_the_hooks_order(runtime_python: Interpreter) -> None:
-    run = run_snapstart(PACKAGE, [built(LAYER)], built(DEMO_MODEL), runtime_python, copies=2)
+    run = run_snapstart(PACKAGE, [artefact(LAYER)], artefact(DEMO_MODEL), runtime_python, copies=2)
 
     assert run.snapshot["registered"] == {"before_snapshot": 1, "after_restore": 1}
     assert run.snapshot["lifecycle"] == ["init", BEFORE_SNAPSHOT, "snapshot"]
@@ -179,11 +171,11 @@ def test_each_restored_copy_reads_s3_over_connections_and_credentials_of_its_own
     so each copy talks to S3 after its restore.
     """
     archive = tmp_path / "model.tar.gz"
-    archive.write_bytes(without_member_hashes(built(DEMO_MODEL)))
+    archive.write_bytes(without_member_hashes(artefact(DEMO_MODEL)))
 
     run = run_snapstart(
         PACKAGE,
-        [built(LAYER)],
+        [artefact(LAYER)],
         archive,
         runtime_python,
         copies=2,
@@ -205,7 +197,7 @@ def test_a_model_missing_when_the_version_is_published_still_gives_a_snapshot_an
     """Publishing does not fail on a model published late: each restored copy tries the load
     itself, and says why it cannot, as an ordinary cold start would."""
     run = run_snapstart(
-        PACKAGE, [built(LAYER)], built(DEMO_MODEL), runtime_python, copies=1,
+        PACKAGE, [artefact(LAYER)], artefact(DEMO_MODEL), runtime_python, copies=1,
         environment={"MODEL_KEY": "nothing/here.tar.gz"},
     )  # fmt: skip
 

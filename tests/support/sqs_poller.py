@@ -16,6 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from tools.lambda_sim import sqs_event
+
 Handler = Callable[[dict[str, Any], Any], dict[str, Any]]
 
 
@@ -83,7 +85,7 @@ class SqsEventSource:
         return len(received)
 
     def _invoke(self, received: list[dict[str, Any]]) -> None:
-        event = {"Records": [self._record(message) for message in received]}
+        event = sqs_event(received, self._queue_arn)
         self.tally.invocations += 1
         try:
             answer = self._handler(event, Context(self._function_timeout))
@@ -100,20 +102,6 @@ class SqsEventSource:
             ]
             self._sqs.delete_message_batch(QueueUrl=self._queue_url, Entries=entries)
         self.tally.deleted += len(done)
-
-    def _record(self, message: dict[str, Any]) -> dict[str, Any]:
-        """The record Lambda puts in the event for one message."""
-        return {
-            "messageId": message["MessageId"],
-            "receiptHandle": message["ReceiptHandle"],
-            "body": message["Body"],
-            "attributes": message.get("Attributes", {}),
-            "messageAttributes": message.get("MessageAttributes", {}),
-            "md5OfBody": message["MD5OfBody"],
-            "eventSource": "aws:sqs",
-            "eventSourceARN": self._queue_arn,
-            "awsRegion": "us-east-1",
-        }
 
     def _queue_is_empty(self) -> bool:
         attributes = self._sqs.get_queue_attributes(
