@@ -87,7 +87,7 @@ def test_a_stalling_dev_server_misses_its_keep_alive_target() -> None:
     met = {name: met for name, _, _, met in targets({"dev_server": summary})}
 
     assert met["onnx: dev server, keep-alive / new connection, 640x480"] is False
-    assert met["onnx: fresh thread / (decode+preprocess+forward), 640x480"] is True
+    assert met["torchscript: fresh thread / (decode+preprocess+forward), 640x480"] is True
 
 
 def _dev_server_round(keep_alive: float) -> dict[str, list[float]]:
