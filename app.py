@@ -73,7 +73,8 @@ def preflight() -> Response:
 @app.route("/", methods=["GET"])
 def index() -> Response:
     """The demo page: paste a URL or drop a file, see the top 5 classes."""
-    return Response(body=demo_page.page(), headers=demo_page.HEADERS)
+    page = demo_page.page()
+    return Response(body=page, headers=demo_page.headers(page))
 
 
 @app.route("/openapi.json", methods=["GET"])
@@ -89,7 +90,8 @@ def docs() -> Response:
     """The OpenAPI document for people: our own static page, under the demo page's CSP."""
     from chalicelib import openapi  # noqa: PLC0415 - as above
 
-    return Response(body=openapi.docs_page(), headers=demo_page.HEADERS)
+    page = openapi.docs_page()
+    return Response(body=page, headers=demo_page.headers(page))
 
 
 @app.route(

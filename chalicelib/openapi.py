@@ -594,7 +594,6 @@ def _headers() -> Schema:
     def header(description: str, schema: Schema, *, required: bool = False) -> Schema:
         return {"description": description, "required": required, "schema": {"type": "string", **schema}}
 
-    page = demo_page.HEADERS
     preflight = "On a preflight from an allowed Origin."
     return {
         "XRequestId": header(
@@ -609,8 +608,10 @@ def _headers() -> Schema:
         "AccessControlAllowHeaders": header(preflight, {"const": cors.ALLOWED_HEADERS}),
         "AccessControlMaxAge": header(preflight, {"const": cors.PREFLIGHT_MAX_AGE}),
         "ContentSecurityPolicy": header(
-            "The page may talk only to this API.", {"const": page["Content-Security-Policy"]}, required=True
+            "The page may talk only to this API, and run only its own inline script and style (by hash).",
+            {"pattern": demo_page.POLICY_PATTERN},
+            required=True,
         ),
-        "XContentTypeOptions": header("", {"const": page["X-Content-Type-Options"]}, required=True),
+        "XContentTypeOptions": header("", {"const": demo_page.NOSNIFF}, required=True),
         "Allow": header("The methods the path has.", {}, required=True),
     }

@@ -39,6 +39,7 @@ def test_the_page_is_served_with_a_strict_content_security_policy(client: Client
     assert response.status_code == 200
     assert response.headers["Content-Type"] == "text/html; charset=utf-8"
     assert "connect-src 'self'" in response.headers["Content-Security-Policy"]
+    assert "unsafe-inline" not in response.headers["Content-Security-Policy"]
     page = response.body.decode()
     assert 'id="file"' in page
     assert '<html lang="en" data-api-auth="none">' in page  # told the stage's front door
