@@ -79,7 +79,7 @@ handler = getattr(__import__(module_name), attribute)
 
 class Context:
     function_name = "chalice-classifier-sim"
-    memory_limit_in_mb = 2048
+    memory_limit_in_mb = os.environ.get("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "128")  # a string, as on Lambda
     invoked_function_arn = "arn:aws:lambda:us-east-1:123456789012:function:chalice-classifier-sim"
     def __init__(self, request_id):
         self.aws_request_id = request_id

@@ -114,7 +114,7 @@ started = time.monotonic()
 
 class Context:
     function_name = "chalice-classifier-sim"
-    memory_limit_in_mb = 2048
+    memory_limit_in_mb = os.environ.get("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "128")  # a string, as on Lambda
     invoked_function_arn = "arn:aws:lambda:us-east-1:123456789012:function:chalice-classifier-sim:live"
     def __init__(self, request_id):
         self.aws_request_id = request_id
@@ -395,6 +395,7 @@ def run_snapstart(
                 "LAMBDA_TASK_ROOT": str(task),
                 "AWS_LAMBDA_FUNCTION_NAME": FUNCTION_NAME,
                 "AWS_LAMBDA_INITIALIZATION_TYPE": "snap-start",
+                "AWS_LAMBDA_FUNCTION_MEMORY_SIZE": str(function.get("MemorySize", 128)),
                 "AWS_REGION": "us-east-1",
                 "AWS_DEFAULT_REGION": "us-east-1",
                 "AWS_CONTAINER_CREDENTIALS_FULL_URI": servers.credentials.uri,
