@@ -16,7 +16,7 @@ from chalice.app import Request, SQSEvent
 
 from chalicelib import demo_page, front_door, observability, snapstart
 from chalicelib.current import get_holder, get_service, get_settings, run_bulk_batch, settings_or_none
-from chalicelib.payload import IMAGE_TYPES, JSON_TYPE, parse_invocation
+from chalicelib.payload import IMAGE_TYPES, JSON_TYPE, deep_check, parse_invocation
 
 if TYPE_CHECKING:  # the model and the service are imported by the first request (see chalicelib.current)
     from chalicelib.model_holder import LoadedModel
@@ -115,7 +115,7 @@ def invocations() -> dict[str, object]:
 def ping() -> dict[str, object]:
     """SageMaker-style health check: cheap; ``?deep=1`` loads the model if it has to."""
     models = get_holder()
-    if (app.current_request.query_params or {}).get("deep") in ("1", "true"):
+    if deep_check(app.current_request.query_params):
         models.model()
     return {"status": "ok", "model_loaded": models.loaded}
 

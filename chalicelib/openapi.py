@@ -217,14 +217,15 @@ def _ping() -> Schema:
                 "name": "deep",
                 "in": "query",
                 "description": (
-                    "`1` or `true` loads the model if it has to (503 if it cannot); any other value does not."
+                    "`1` or `true` (any case) loads the model if it has to (503 if it cannot); `0`, "
+                    "`false` or nothing does not; anything else is a 400."
                 ),
                 "schema": {"type": "string"},
             }
         ],
         "responses": {
             "200": _json_response("The service is configured.", _ref("Ping")),
-            **_error_responses(MODEL_ERRORS),
+            **_error_responses((InvalidRequest, *MODEL_ERRORS)),
         },
     }
 

@@ -114,6 +114,21 @@ def parse_invocation(
     )  # fmt: skip
 
 
+def deep_check(query: Mapping[str, str] | None) -> bool:
+    """``GET /ping?deep=``: ``1``/``true`` loads the model, ``0``/``false`` (or none) does not.
+
+    Anything else is refused rather than guessed at: a health check that
+    quietly did the cheap check on ``deep=yes`` would report a model it never loaded.
+    """
+    value = (query or {}).get("deep")
+    text = (value or "").strip().lower()
+    if text in ("1", "true"):
+        return True
+    if text in ("", "0", "false"):
+        return False
+    raise InvalidRequest(f"The deep query parameter must be 1, true, 0 or false, got {_describe(value)}.")
+
+
 def _json_object(raw_body: bytes) -> dict[str, Any]:
     try:
         body = json.loads(raw_body)

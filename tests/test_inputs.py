@@ -196,6 +196,20 @@ def test_deep_ping_loads_the_model(client: Client, tmp_path: Path, monkeypatch: 
     assert (deep.status_code, deep.json_body["model_loaded"]) == (200, True)
 
 
+@pytest.mark.parametrize("value", ["1", "TRUE", "0", "false", ""])
+def test_ping_deep_takes_a_yes_or_a_no(client: Client, value: str) -> None:
+    assert client.http.get(f"/ping?deep={quote(value)}").status_code == 200
+
+
+@pytest.mark.parametrize("value", ["yes", "2", "on", "tru e"])
+def test_ping_deep_refuses_what_it_would_have_to_guess(client: Client, value: str) -> None:
+    """It used to do the cheap check on these: a deep health check that never loaded the model."""
+    status, code, message = error_of(client.http.get(f"/ping?deep={quote(value)}"))
+
+    assert (status, code) == (400, "InvalidRequest")
+    assert "deep query parameter must be 1, true, 0 or false" in message
+
+
 @pytest.mark.parametrize("value", ["²", "٣", "1e3", "-1", "1_000", " ", "99999999999"])
 def test_top_k_takes_ascii_digits_only(client: Client, image_server: RoutedHTTPServer, value: str) -> None:
     """str.isdigit() accepts '²', which int() refuses: that was a 500."""
