@@ -15,8 +15,9 @@ location, message, timestamp, service, then the record's own fields), and
 metrics are CloudWatch Embedded Metric Format, the field's standard on
 Lambda: a JSON line that CloudWatch turns into metrics. Both are a few lines
 of ``json.dumps`` here rather than powertools itself, whose import alone
-cost every cold start about 40 ms. Both just print to stdout, so they work
-the same under ``chalice local`` and ``chalice.test``. The request line
+cost every cold start about 40 ms. Both go to stdout through logging (the
+metrics through a logger of their own, which ``LOG_LEVEL`` does not filter),
+so they work the same under ``chalice local`` and ``chalice.test``. The request line
 carries the request id (Lambda's ``aws_request_id``, also sent back as
 ``x-request-id``), the route, status and error Code, the input kind and image
 bytes, the fetch, decode and inference milliseconds, and the model version.
@@ -39,6 +40,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
+from functools import cache
 
 SERVICE = "chalice-classifier"
 NAMESPACE = "ChaliceClassifier"
@@ -52,7 +54,7 @@ class _CurrentStdout:
     """Writes to whatever ``sys.stdout`` is now, not to the one there was at import.
 
     Lambda, ``chalice local`` and pytest all decide where stdout goes after
-    this module is imported; EMF metrics (plain prints) follow suit the same way.
+    this module is imported; the log lines and the EMF metrics follow it.
     """
 
     def write(self, text: str) -> int:
@@ -103,7 +105,19 @@ def _metric(name: str, unit: str, value: float, dimension: tuple[str, str]) -> N
         key: label,
         name: [value],
     }
-    print(json.dumps(document, separators=(",", ":")), file=sys.stdout, flush=True)
+    _metrics_logger().info(json.dumps(document, separators=(",", ":")))
+
+
+@cache
+def _metrics_logger() -> logging.Logger:
+    """EMF lines exactly as CloudWatch reads them: a handler of their own, whatever ``LOG_LEVEL`` says."""
+    metrics = logging.getLogger(f"{SERVICE}.metrics")
+    handler = logging.StreamHandler(_CurrentStdout())
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    metrics.handlers = [handler]
+    metrics.propagate = False
+    metrics.setLevel(logging.INFO)
+    return metrics
 
 
 class _RequestIdFilter(logging.Filter):
