@@ -221,6 +221,56 @@ def unzip(archive: Path, destination: Path) -> None:
                 path.chmod(mode & 0o777)
 
 
+@dataclass(frozen=True)
+class Sandbox:
+    """One function's folders as Lambda lays them out: /var/task, /opt, HOME, TMPDIR and the runtime's own."""
+
+    task: Path
+    opt: Path
+    home: Path
+    tmp: Path
+    runtime: Path
+
+    def path(self, interpreter: Interpreter) -> list[str]:
+        """sys.path in Lambda's own order: the function, then the layers' two folders, then the runtime."""
+        layer_site = self.opt / interpreter.layer_site_packages
+        return [str(self.task), str(layer_site), str(self.opt / "python"), str(self.runtime)]
+
+    def environment(self, properties: Mapping[str, Any], function_name: str) -> dict[str, str]:
+        """What Lambda sets for the template's function ``properties``, its own variables first; the image
+        is served from loopback, which production refuses, and the metadata service is never asked."""
+        return {
+            **resolve(properties.get("Environment", {}).get("Variables", {}), template_names()),
+            "PATH": "/usr/bin:/bin",
+            "HOME": str(self.home),
+            "TMPDIR": str(self.tmp),
+            "LAMBDA_TASK_ROOT": str(self.task),
+            "AWS_LAMBDA_FUNCTION_NAME": function_name,
+            "AWS_LAMBDA_FUNCTION_MEMORY_SIZE": str(properties.get("MemorySize", 128)),
+            "AWS_REGION": "us-east-1",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_EC2_METADATA_DISABLED": "true",
+            "MODEL_BUCKET": SIM_MODEL_BUCKET,
+            "MODEL_KEY": SIM_MODEL_KEY,
+            "ALLOW_PRIVATE_URLS": "true",
+            "ALLOWED_PORTS": "*",
+        }
+
+
+@contextmanager
+def unpacked(package_dir: Path, layers: Sequence[Path], prefix: str) -> Iterator[Sandbox]:
+    """The package's function and ``layers`` unzipped into a scratch sandbox, removed afterwards."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as scratch:
+        root = Path(scratch)
+        task, opt, home, tmp = (root / name for name in ("var-task", "opt", "home", "tmp"))
+        for folder in (task, opt, home, tmp):
+            folder.mkdir()
+        unzip(package_dir / "deployment.zip", task)
+        for layer in layers:
+            unzip(layer, opt)
+        yield Sandbox(task, opt, home, tmp, lambda_runtime_dir(root))
+
+
 def lambda_runtime_dir(root: Path) -> Path:
     """boto3 and its dependencies, which the Lambda Python runtime provides."""
     runtime = root / "runtime"
@@ -377,41 +427,17 @@ def run_function(
     (holding the model as ``s3_with_model`` puts it), and send it ``events`` in order."""
     template = json.loads((package_dir / "sam.json").read_text())
     properties = function_properties(template, function)
-    with tempfile.TemporaryDirectory(prefix="lambda-sim-") as scratch:
-        root = Path(scratch)
-        task, opt, home, tmp = (root / name for name in ("var-task", "opt", "home", "tmp"))
-        for folder in (task, opt, home, tmp):
-            folder.mkdir()
-        unzip(package_dir / "deployment.zip", task)
-        for layer in layers:
-            unzip(layer, opt)
-        runtime = lambda_runtime_dir(root)
+    with unpacked(package_dir, layers, "lambda-sim-") as sandbox:
         function_environment = {
-            **resolve(properties.get("Environment", {}).get("Variables", {}), template_names()),
-            "PATH": "/usr/bin:/bin",
-            "HOME": str(home),
-            "TMPDIR": str(tmp),
-            "LAMBDA_TASK_ROOT": str(task),
-            "AWS_LAMBDA_FUNCTION_NAME": "chalice-classifier-sim",
-            "AWS_LAMBDA_FUNCTION_MEMORY_SIZE": str(properties.get("MemorySize", 128)),
-            "AWS_REGION": "us-east-1",
-            "AWS_DEFAULT_REGION": "us-east-1",
+            **sandbox.environment(properties, "chalice-classifier-sim"),
             "AWS_ACCESS_KEY_ID": "sim",
             "AWS_SECRET_ACCESS_KEY": "sim",
-            "AWS_EC2_METADATA_DISABLED": "true",
             "AWS_ENDPOINT_URL_S3": s3_endpoint,
-            "MODEL_BUCKET": SIM_MODEL_BUCKET,
-            "MODEL_KEY": SIM_MODEL_KEY,
-            "PYTORCH_LAYER_DIR": str(opt / "pytorch"),
-            # The image is served from loopback, which production refuses.
-            "ALLOW_PRIVATE_URLS": "true",
-            "ALLOWED_PORTS": "*",
+            "PYTORCH_LAYER_DIR": str(sandbox.opt / "pytorch"),
             **(environment or {}),
         }
-        # Lambda's own order: the function, then the layers' two folders, then the runtime.
-        layer_site = opt / interpreter.layer_site_packages
         config = {
-            "path": [str(task), str(layer_site), str(opt / "python"), str(runtime)],
+            "path": sandbox.path(interpreter),
             "handler": properties["Handler"],
             "timeout_seconds": properties.get("Timeout", 3),
             "marker": RESULT_MARKER,
@@ -420,10 +446,11 @@ def run_function(
         started = time.monotonic()
         child = subprocess.Popen(
             [*interpreter.command, *SANDBOX_FLAGS, "-c", BOOTSTRAP, json.dumps(config)],
-            cwd=task, env=function_environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            cwd=sandbox.task, env=function_environment, text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         )  # fmt: skip
         printed, cold_start, stderr = collect_output(child, started, SIM_TIMEOUT_S)
-        tmp_used = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
+        tmp_used = sum(p.stat().st_size for p in sandbox.tmp.rglob("*") if p.is_file())
     results = [
         json.loads(line.removeprefix(RESULT_MARKER)) for line in printed if line.startswith(RESULT_MARKER)
     ]

@@ -53,7 +53,6 @@ import json
 import secrets
 import shlex
 import subprocess
-import tempfile
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -70,12 +69,11 @@ from tools.lambda_sim import (
     Interpreter,
     function_properties,
     image_host,
-    lambda_runtime_dir,
     photo_jpeg,
     proxy_event,
     s3_with_model,
     simulate,
-    unzip,
+    unpacked,
 )
 
 # Lambda's snapshot_restore_py keeps the hooks for the runtime to run; so does this.
@@ -375,48 +373,20 @@ def run_snapstart(
     """
     template = json.loads((package_dir / "sam.json").read_text())
     function = function_properties(template)
-    with tempfile.TemporaryDirectory(prefix="snapstart-sim-") as scratch:
-        root = Path(scratch)
-        task, opt, home, tmp = (root / name for name in ("var-task", "opt", "home", "tmp"))
-        for folder in (task, opt, home, tmp):
-            folder.mkdir()
-        unzip(package_dir / "deployment.zip", task)
-        for layer in layers:
-            unzip(layer, opt)
-        runtime = lambda_runtime_dir(root)
-        (runtime / f"{SNAPSHOT_MODULE}.py").write_text(STAND_IN)
+    with unpacked(package_dir, layers, "snapstart-sim-") as sandbox:
+        (sandbox.runtime / f"{SNAPSHOT_MODULE}.py").write_text(STAND_IN)
         with s3_with_model(model_archive) as moto_endpoint, image_host(photo_jpeg()) as image_url:
             servers = _Servers(KeepAliveS3(moto_endpoint), CredentialsEndpoint())
             function_environment = {
-                **function.get("Environment", {}).get("Variables", {}),
-                "PATH": "/usr/bin:/bin",
-                "HOME": str(home),
-                "TMPDIR": str(tmp),
-                "LAMBDA_TASK_ROOT": str(task),
-                "AWS_LAMBDA_FUNCTION_NAME": FUNCTION_NAME,
+                **sandbox.environment(function, FUNCTION_NAME),
                 "AWS_LAMBDA_INITIALIZATION_TYPE": "snap-start",
-                "AWS_LAMBDA_FUNCTION_MEMORY_SIZE": str(function.get("MemorySize", 128)),
-                "AWS_REGION": "us-east-1",
-                "AWS_DEFAULT_REGION": "us-east-1",
                 "AWS_CONTAINER_CREDENTIALS_FULL_URI": servers.credentials.uri,
                 "AWS_CONTAINER_AUTHORIZATION_TOKEN": servers.credentials.token,
-                "AWS_EC2_METADATA_DISABLED": "true",
                 "AWS_ENDPOINT_URL_S3": servers.s3.endpoint,
-                "MODEL_BUCKET": "sim-models",
-                "MODEL_KEY": "model.tar.gz",
-                # The image is served from loopback, which production refuses.
-                "ALLOW_PRIVATE_URLS": "true",
-                "ALLOWED_PORTS": "*",
                 **(environment or {}),
             }
             config = {
-                # Lambda's own order: the function, then the layers' two folders, then the runtime.
-                "path": [
-                    str(task),
-                    str(opt / interpreter.layer_site_packages),
-                    str(opt / "python"),
-                    str(runtime),
-                ],
+                "path": sandbox.path(interpreter),
                 "handler": function["Handler"],
                 "marker": RESULT_MARKER,
                 "events": [
@@ -426,12 +396,12 @@ def run_snapstart(
                 ],
             }
             with serving(servers.s3.server), serving(servers.credentials.server):
-                sandbox = subprocess.Popen(
+                process = subprocess.Popen(
                     [*interpreter.command, *SANDBOX_FLAGS, "-c", BOOTSTRAP, json.dumps(config)],
-                    cwd=task, env=function_environment, text=True,
+                    cwd=sandbox.task, env=function_environment, text=True,
                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                 )  # fmt: skip
-                return _restore_copies(sandbox, copies, servers)
+                return _restore_copies(process, copies, servers)
 
 
 def _restore_copies(sandbox: subprocess.Popen[str], copies: int, servers: _Servers) -> SnapStartRun:
