@@ -80,16 +80,15 @@ def running_chalice_local(
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1", **(environment or {})},
     )  # fmt: skip
-    proxy = ContractProxy(port)  # checks every response against the OpenAPI document
-    server = LocalServer(base=proxy.base, process=process)
-    server._reader = threading.Thread(target=server._drain, daemon=True)
-    server._reader.start()
-    try:
-        _wait_until_answering(server, ready_within)
-        yield server
-    finally:
-        server.stop()
-        proxy.close()
+    with ContractProxy(port) as proxy:  # checks every response against the OpenAPI document
+        server = LocalServer(base=proxy.base, process=process)
+        server._reader = threading.Thread(target=server._drain, daemon=True)
+        server._reader.start()
+        try:
+            _wait_until_answering(server, ready_within)
+            yield server
+        finally:
+            server.stop()
 
 
 @pytest.fixture

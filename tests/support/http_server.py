@@ -12,12 +12,14 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import socket
+import socketserver
 import ssl
 import threading
 import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Self
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -48,7 +50,27 @@ def redirect_to(location: str, status: int = 302) -> Route:
     return route
 
 
-class RoutedHTTPServer:
+class InBackground:
+    """A ``socketserver`` server served on a thread of its own while a ``with`` block runs."""
+
+    def __init__(self, server: socketserver.BaseServer) -> None:
+        self._server = server
+        # A short poll, so shutting the server down at the end of a test takes a moment, not half a second.
+        self._thread = threading.Thread(
+            target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join()
+
+
+class RoutedHTTPServer(InBackground):
     """Serves ``routes`` on one address; 127.0.0.1 and a free port unless told otherwise."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, tls: ssl.SSLContext | None = None) -> None:
@@ -81,13 +103,10 @@ class RoutedHTTPServer:
 
         self._host = host
         self._scheme = "https" if tls else "http"
-        self._server = Server((host, port), Handler)
+        server = Server((host, port), Handler)
         if tls is not None:
-            self._server.socket = tls.wrap_socket(self._server.socket, server_side=True)
-        # A short poll, so shutting the server down at the end of a test takes a moment, not half a second.
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
+            server.socket = tls.wrap_socket(server.socket, server_side=True)
+        super().__init__(server)
 
     @property
     def port(self) -> int:
@@ -96,15 +115,6 @@ class RoutedHTTPServer:
     def url(self, path: str) -> str:
         host = f"[{self._host}]" if ":" in self._host else self._host
         return f"{self._scheme}://{host}:{self.port}{path}"
-
-    def __enter__(self) -> RoutedHTTPServer:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join()
 
 
 def drip(byte_every: float, total: int = 1000) -> Route:

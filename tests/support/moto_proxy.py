@@ -10,11 +10,11 @@ unless a subclass's ``answer`` returns one of its own: a throttled S3 read
 from __future__ import annotations
 
 import http.client
-import threading
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Self
 from urllib.parse import urlsplit
+
+from tests.support.http_server import InBackground
 
 # Set by the proxy for the body it sends, never copied from the upstream's answer.
 _FRAMING_HEADERS = ("content-length", "transfer-encoding", "connection")
@@ -27,7 +27,7 @@ class Reply:
     body: bytes
 
 
-class MotoProxy:
+class MotoProxy(InBackground):
     def __init__(self, upstream: str) -> None:
         parts = urlsplit(upstream)
         self._upstream = (parts.hostname or "127.0.0.1", parts.port or 80)
@@ -50,8 +50,7 @@ class MotoProxy:
             def handle_error(self, request: object, client_address: object) -> None:
                 pass  # a client that closes a connection with a body unread is no fault of the proxy
 
-        self._server = Server(("127.0.0.1", 0), Handler)
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05})
+        super().__init__(Server(("127.0.0.1", 0), Handler))
 
     @property
     def endpoint(self) -> str:
@@ -85,12 +84,3 @@ class MotoProxy:
         handler.end_headers()
         if handler.command != "HEAD":
             handler.wfile.write(reply.body)
-
-    def __enter__(self) -> Self:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join()

@@ -44,6 +44,7 @@ from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
 from chalicelib.openapi import METHOD_NOT_ALLOWED, UNKNOWN_ROUTE
+from tests.support.http_server import InBackground
 
 DOCUMENT_URI = "urn:chalice-classifier:openapi"
 BODY_EXCERPT = 300
@@ -265,7 +266,7 @@ def pytest_runtest_call() -> Iterator[None]:
     return result
 
 
-class ContractProxy:
+class ContractProxy(InBackground):
     """A store-and-forward HTTP proxy on 127.0.0.1 that checks each response before forwarding it."""
 
     def __init__(
@@ -290,13 +291,8 @@ class ContractProxy:
 
         self._checker = checker
         self._drift = drift
-        self._server = Server(("127.0.0.1", 0), Handler)
+        super().__init__(Server(("127.0.0.1", 0), Handler))
         self.base = f"http://127.0.0.1:{self._server.server_address[1]}"
-        threading.Thread(target=self._server.serve_forever, name="contract-proxy", daemon=True).start()
-
-    def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
 
     def _relay(self, client: socket.socket, server: socket.socket) -> None:
         """Request after request on one connection, until either side closes it."""

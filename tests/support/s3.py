@@ -15,7 +15,9 @@ from moto.moto_server.werkzeug_app import (
     MotoRequestHandler,
     create_backend_app,
 )
-from werkzeug.serving import BaseWSGIServer, make_server
+from werkzeug.serving import make_server
+
+from tests.support.http_server import InBackground
 
 
 class RequestLog:
@@ -48,22 +50,13 @@ class RequestLog:
             return self.answered.count((method, path, status))
 
 
-class MotoS3Server:
+class MotoS3Server(InBackground):
     def __init__(self) -> None:
         self.log = RequestLog(DomainDispatcherApplication(create_backend_app))
-        self._server: BaseWSGIServer = make_server(
-            "127.0.0.1", 0, self.log, threaded=True, request_handler=MotoRequestHandler
+        super().__init__(
+            make_server("127.0.0.1", 0, self.log, threaded=True, request_handler=MotoRequestHandler)
         )
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
     @property
     def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self._server.server_port}"
-
-    def __enter__(self) -> MotoS3Server:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._server.shutdown()
-        self._thread.join()
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
