@@ -12,7 +12,6 @@ import json
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,6 +24,7 @@ from bench.peers_client import Endpoint, PeerError, first_answer, latencies
 from bench.peers_ours import serve_target
 from bench.peers_processes import Launch, group_members, label_of, running
 from bench.peers_report import TopOneDisagreement, check_agreement, markdown, summarize
+from tests.support.http_server import InBackground
 
 SIZES = ("640x480", "1920x1080", "4032x3024")
 
@@ -214,13 +214,8 @@ def _classifier(unready: int) -> Iterator[tuple[Endpoint, list[int]]]:
             pass
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Classifier)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with InBackground(server):
         yield Endpoint(port=server.server_address[1], path="/predict"), statuses
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def test_the_cold_start_clock_waits_through_refusals_and_errors_for_the_first_classification() -> None:
