@@ -54,8 +54,7 @@ import secrets
 import shlex
 import subprocess
 import threading
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -72,6 +71,7 @@ from tools.lambda_sim import (
     photo_jpeg,
     proxy_event,
     s3_with_model,
+    serving,
     simulate,
     unpacked,
 )
@@ -202,18 +202,6 @@ SNAPSHOT_MODULE = "snapshot_restore_py"
 FUNCTION_NAME = "chalice-classifier-sim"
 # Headers about one hop's connection, which the relay sets for itself.
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "content-length"})
-
-
-@contextmanager
-def serving(server: http.server.ThreadingHTTPServer) -> Iterator[None]:
-    """``server`` answering in a thread of its own for the length of the block."""
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 class CredentialsEndpoint:
